@@ -1,0 +1,297 @@
+"""The LRC objective (spec section 4): CE + KL + alpha * sum of activation-clone MSE terms.
+
+Pure functions do the math (:func:`next_token_cross_entropy`, :func:`kl_divergence`,
+:func:`masked_mse`, :func:`layer_clone_terms`); :class:`LRCLoss` weighs and sums them.
+
+The clone terms are computed *inside* each decoder layer of the clone (so teacher activations
+never outlive their layer and per-layer activation checkpointing stays possible); the layer asks
+:func:`layer_clone_terms` for exactly the terms a :class:`TermRequest` names.  ``LRCLoss.request``
+is that request for a given :class:`LossConfig`:
+
+    loss_fn = LRCLoss(LossConfig(alpha=0.5))
+    out = clone(input_ids, terms=loss_fn.request)
+    terms = loss_fn(out, input_ids)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+KL_REDUCTIONS = ("sequence_sum", "token_mean")
+ATTN_OUT_SPACES = ("teacher", "student")
+
+
+# --------------------------------------------------------------------------------------------
+# pure functions
+# --------------------------------------------------------------------------------------------
+def masked_mse(a: torch.Tensor, b: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over all elements of the (B, T, ...) tensors; with ``token_mask`` (B, T)
+    only valid tokens count (mean over valid tokens x features)."""
+    sq = (a - b).pow(2)
+    if token_mask is None:
+        return sq.mean()
+    m = token_mask.to(sq.dtype).reshape(*token_mask.shape, *([1] * (sq.dim() - token_mask.dim())))
+    return (sq * m).sum() / (m.sum() * sq[0, 0].numel()).clamp_min(1)
+
+
+def next_token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """CE of ``logits[:, t]`` predicting ``labels[:, t + 1]``, mean over non-ignored targets."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=ignore_index,
+    )
+
+
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    reduction: str = "sequence_sum",
+    tau_squared: bool = False,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward KL(p_teacher || p_student) of the (B, T, V) logits divided by ``temperature``.
+
+    reduction="sequence_sum": sum over vocabulary and positions, divided by the number of
+    sequences B (the reference code; grows with T). reduction="token_mean": mean over positions.
+    ``tau_squared`` multiplies by temperature**2. ``token_mask`` (B, T) excludes padded positions.
+    """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (B, T)
+    if token_mask is not None:
+        per_token = per_token * token_mask.to(per_token.dtype)
+    if reduction == "sequence_sum":
+        kl = per_token.sum() / student_logits.shape[0]
+    else:
+        n = per_token.numel() if token_mask is None else token_mask.sum().clamp_min(1)
+        kl = per_token.sum() / n
+    return kl * temperature**2 if tau_squared else kl
+
+
+@dataclass(frozen=True)
+class TermRequest:
+    """Which activation-clone terms a clone forward computes, and how.
+
+    terms:  names from :data:`CLONE_TERMS`.
+    layers: teacher layer indices that carry clone terms (``None`` = every layer the student keeps).
+    attn_out_space: "teacher" compares the student's o_proj output before Po with the teacher's
+        o_proj output (width D, the reference code); "student" compares student o_attn with
+        teacher o_attn @ Po (width d, the paper).
+    detach_down_target / detach_o_target: detach the projected teacher targets o_ffn @ Pdown and
+        (student space) o_attn @ Po, so their projection gets gradient from the student side only.
+    """
+
+    terms: tuple[str, ...] = CLONE_TERMS
+    layers: tuple[int, ...] | None = None
+    attn_out_space: str = "teacher"
+    detach_down_target: bool = False
+    detach_o_target: bool = False
+
+    def wants(self, layer: int) -> bool:
+        return bool(self.terms) and (self.layers is None or layer in self.layers)
+
+    def covers(self, other: "TermRequest", student_layers: Sequence[int]) -> bool:
+        """True if a forward computed for ``self`` holds everything ``other`` needs."""
+        mine = set(student_layers) if self.layers is None else set(self.layers)
+        theirs = set(student_layers) if other.layers is None else set(other.layers)
+        same_how = (
+            self.attn_out_space == other.attn_out_space
+            and self.detach_down_target == other.detach_down_target
+            and self.detach_o_target == other.detach_o_target
+        )
+        return set(other.terms) <= set(self.terms) and theirs <= mine and (same_how or not other.terms)
+
+
+def layer_clone_terms(
+    student: Mapping[str, torch.Tensor],
+    teacher: Mapping[str, torch.Tensor],
+    request: TermRequest,
+    *,
+    teacher_o_weight: torch.Tensor,
+    teacher_o_bias: torch.Tensor | None,
+    proj_o: torch.Tensor,
+    proj_down: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Unweighted MSE of each requested term for one layer.
+
+    ``student``/``teacher`` are the activations of :func:`lrc.model.functional.decoder_layer`.
+    q, k, v, gate, up live in the shared inner widths and are compared directly.  "o" depends on
+    ``request.attn_out_space`` (see :class:`TermRequest`); "down" compares student o_ffn (width d)
+    with teacher o_ffn @ Pdown.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in request.terms:
+        if name == "o" and request.attn_out_space == "teacher":
+            s = F.linear(student["attn"], teacher_o_weight, teacher_o_bias)
+            t = teacher["o"]
+        elif name in ("o", "down"):
+            proj = proj_o if name == "o" else proj_down
+            detach = request.detach_o_target if name == "o" else request.detach_down_target
+            s = student[name]
+            t = teacher[name] @ (proj.detach() if detach else proj)
+        else:
+            s, t = student[name], teacher[name]
+        out[name] = masked_mse(s, t, token_mask)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and the weighted sum
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LossConfig:
+    """Every knob of the LRC objective (defaults: the reference code / LRC-1.5B).
+
+    w_ce, w_kl:     weights of next-token CE and of KL(teacher || student).
+    alpha:          weight of the summed activation-clone terms (paper: 0.2 or 0.5).
+    temperature:    tau of the KL (paper: 40).
+    kl_reduction:   "sequence_sum" (reference) or "token_mean".
+    kl_tau_squared: multiply the KL by tau**2.
+    term_weights:   per-term weights for q, k, v, o, gate, up, down (missing names weigh 1; 0
+                    switches a term off, so it is not even computed).
+    clone_layers:   teacher layer indices that carry clone terms (``None`` = all kept layers).
+    attn_out_space: "teacher" (reference code) or "student" (paper) for the attention-output term.
+    detach_down_target, detach_o_target: see :class:`TermRequest`.
+    """
+
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    alpha: float = 0.2
+    temperature: float = 40.0
+    kl_reduction: str = "sequence_sum"
+    kl_tau_squared: bool = False
+    term_weights: dict[str, float] = field(default_factory=dict)
+    clone_layers: Sequence[int] | None = None
+    attn_out_space: str = "teacher"
+    detach_down_target: bool = False
+    detach_o_target: bool = False
+
+    def __post_init__(self) -> None:
+        self.term_weights = dict(self.term_weights or {})
+        unknown = sorted(set(self.term_weights) - set(CLONE_TERMS))
+        if unknown:
+            raise ValueError(f"LossConfig.term_weights has unknown terms {unknown}; allowed: {list(CLONE_TERMS)}")
+        for key in ("w_ce", "w_kl", "alpha"):
+            if not float(getattr(self, key)) >= 0:
+                raise ValueError(f"LossConfig.{key} must be >= 0, got {getattr(self, key)!r}")
+        for name, w in self.term_weights.items():
+            if not float(w) >= 0:
+                raise ValueError(f"LossConfig.term_weights[{name!r}] must be >= 0, got {w!r}")
+        if not float(self.temperature) > 0:
+            raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature!r}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"LossConfig.kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if self.attn_out_space not in ATTN_OUT_SPACES:
+            raise ValueError(
+                f"LossConfig.attn_out_space must be one of {ATTN_OUT_SPACES}, got {self.attn_out_space!r}"
+            )
+        if self.clone_layers is not None:
+            layers = list(self.clone_layers)
+            if not layers:
+                raise ValueError("LossConfig.clone_layers is empty; use None for every kept layer")
+            bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+            if bad:
+                raise ValueError(f"LossConfig.clone_layers must be non-negative layer indices, got {bad}")
+            dups = sorted({i for i in layers if layers.count(i) > 1})
+            if dups:
+                raise ValueError(f"LossConfig.clone_layers has duplicated indices: {dups}")
+            self.clone_layers = tuple(sorted(layers))
+
+    def weight(self, term: str) -> float:
+        return float(self.term_weights.get(term, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["clone_layers"] = None if self.clone_layers is None else list(self.clone_layers)
+        return d
+
+
+class LRCLoss:
+    """Weighted LRC objective. ``LRCLoss(cfg)(out, input_ids)`` returns a dict of scalars:
+
+    - ``loss``: w_ce * ce + w_kl * kl + alpha * clone (the tensor to backpropagate);
+    - ``ce``, ``kl``;
+    - ``clone``: sum over layers and terms of term weight x MSE (before alpha);
+    - ``clone/{term}``: that term's unweighted MSE summed over layers;
+    - ``clone/{term}/{layer}``: the unweighted MSE of one term in one teacher layer.
+    """
+
+    def __init__(self, config: LossConfig | None = None) -> None:
+        self.config = config or LossConfig()
+        c = self.config
+        terms = tuple(t for t in CLONE_TERMS if c.alpha > 0 and c.weight(t) > 0)
+        self.request = TermRequest(
+            terms=terms,
+            layers=None if c.clone_layers is None else tuple(c.clone_layers),
+            attn_out_space=c.attn_out_space,
+            detach_down_target=c.detach_down_target,
+            detach_o_target=c.detach_o_target,
+        )
+
+    def check_layers(self, student_layers: Sequence[int]) -> None:
+        """Raise ``ValueError`` if a clone layer is not one the student keeps."""
+        if self.request.layers is None:
+            return
+        missing = sorted(set(self.request.layers) - set(student_layers))
+        if missing:
+            raise ValueError(
+                f"LossConfig.clone_layers {missing} are not layers the student keeps {list(student_layers)}"
+            )
+
+    def __call__(
+        self,
+        out: Any,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        c = self.config
+        token_mask = getattr(out, "token_mask", None)
+        if labels is None:
+            labels = input_ids if token_mask is None else input_ids.masked_fill(~token_mask.bool(), -100)
+        results: dict[str, torch.Tensor] = {}
+        ce = next_token_cross_entropy(out.student_logits, labels)
+        kl = kl_divergence(
+            out.student_logits,
+            out.teacher_logits,
+            c.temperature,
+            c.kl_reduction,
+            c.kl_tau_squared,
+            token_mask,
+        )
+        results["ce"], results["kl"] = ce, kl
+
+        if self.request.terms:
+            self.check_layers(out.student_layers)
+            if not out.request.covers(self.request, out.student_layers):
+                raise ValueError(
+                    "the clone output was computed for a different term request; "
+                    "call clone(input_ids, terms=loss_fn.request)"
+                )
+        layers = [
+            i for i in out.student_layers if self.request.layers is None or i in self.request.layers
+        ]
+        clone = ce.new_zeros(())
+        for term in self.request.terms:
+            per_layer = [out.clone_terms[(i, term)] for i in layers]
+            for i, v in zip(layers, per_layer):
+                results[f"clone/{term}/{i}"] = v
+            summed = torch.stack(per_layer).sum() if per_layer else ce.new_zeros(())
+            results[f"clone/{term}"] = summed
+            clone = clone + c.weight(term) * summed
+        results["clone"] = clone
+        results["loss"] = c.w_ce * ce + c.w_kl * kl + c.alpha * clone
+        return results

@@ -1,0 +1,201 @@
+"""``LowRankClone``: a frozen teacher and a trainable low-rank student running in lock-step."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lrc.losses import TermRequest
+from lrc.model.adapters import (
+    TeacherArch,
+    teacher_arch,
+    teacher_io_weights,
+    teacher_layer_weights,
+    teacher_rotary,
+)
+from lrc.model.config import CloneConfig
+from lrc.model.functional import AttentionShape, attention_mask_for, position_ids_for
+from lrc.model.init import get_projection_init
+from lrc.model.layers import CloneDecoderLayer, CloneEmbeddings
+
+
+@dataclass
+class CloneOutput:
+    """What one clone forward returns.
+
+    student_logits, teacher_logits: (B, T, V).
+    clone_terms: ``{(teacher_layer, term): unweighted MSE}`` for the request's terms and layers.
+    request: the :class:`~lrc.losses.TermRequest` the terms were computed for.
+    student_layers: teacher indices of the layers the student keeps.
+    token_mask: (B, T) bool of real (non-padding) tokens, or ``None`` when there is no padding.
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    clone_terms: dict[tuple[int, str], torch.Tensor]
+    request: TermRequest
+    student_layers: list[int]
+    token_mask: torch.Tensor | None = None
+
+
+class LowRankClone(nn.Module):
+    """Teacher + student of hidden size ``rank``; only projections and student gains train.
+
+    Build it with :meth:`from_teacher`; everything needed to export the student (teacher config,
+    clone config, tokenizer, generation config) is kept on the module, so :meth:`to_hf` and
+    :meth:`save_student` need no argument repeated.
+    """
+
+    def __init__(
+        self,
+        arch: TeacherArch,
+        teacher_config: Any,
+        io_weights: dict[str, torch.Tensor | None],
+        layer_weights: list[dict[str, torch.Tensor | None]],
+        rotary: nn.Module,
+        config: CloneConfig,
+        tokenizer: Any = None,
+        generation_config: Any = None,
+    ) -> None:
+        super().__init__()
+        config.validate(arch.hidden_size, arch.num_layers)
+        self.arch = arch
+        self.config = config
+        self.teacher_config = teacher_config
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.student_layers = config.kept_layers(arch.num_layers)
+        self.student_eps = arch.rms_norm_eps if config.rms_norm_eps is None else config.rms_norm_eps
+        tie = arch.tied_embeddings if config.tie_head_projection is None else config.tie_head_projection
+
+        init = get_projection_init(config.init)
+        gen = torch.Generator().manual_seed(config.seed)
+        shape = AttentionShape(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.attn_scaling)
+        self.io = CloneEmbeddings(
+            io_weights, config.rank, arch.rms_norm_eps, self.student_eps, tie, init, config.init_std, gen
+        )
+        kept = set(self.student_layers)
+        self.layers = nn.ModuleList(
+            CloneDecoderLayer(
+                i,
+                w,
+                shape,
+                arch.rms_norm_eps,
+                rank=config.rank if i in kept else None,
+                attn_sharing=config.attn_sharing,
+                ffn_sharing=config.ffn_sharing,
+                student_eps=self.student_eps,
+                init=init,
+                init_std=config.init_std,
+                generator=gen,
+            )
+            for i, w in enumerate(layer_weights)
+        )
+        self.rotary = rotary
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, config: CloneConfig, tokenizer: Any = None) -> "LowRankClone":
+        """Clone a loaded transformers causal LM (Llama / Qwen2 / Qwen3). Its weights are shared,
+        not copied, and frozen; ``tokenizer`` (optional) is saved beside exported students."""
+        arch = teacher_arch(teacher)  # raises ValueError for unsupported teachers
+        config.validate(arch.hidden_size, arch.num_layers)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return cls(
+            arch,
+            copy.deepcopy(teacher.config),
+            teacher_io_weights(teacher),
+            [teacher_layer_weights(teacher, i) for i in range(arch.num_layers)],
+            teacher_rotary(teacher),
+            config,
+            tokenizer=tokenizer,
+            generation_config=copy.deepcopy(getattr(teacher, "generation_config", None)),
+        )
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        terms: TermRequest | None = None,
+    ) -> CloneOutput:
+        """Run teacher and student on ``input_ids`` (B, T).
+
+        attention_mask: (B, T), 0 = padding.  segment_ids: (B, T) document ids of packed
+        sequences; when given, tokens attend only within their document and positions restart
+        at every document.  terms: which clone terms to compute (default: all seven, every kept
+        layer, attention output in teacher space, nothing detached); pass ``LRCLoss.request``.
+        """
+        request = TermRequest() if terms is None else terms
+        if request.layers is not None:
+            missing = sorted(set(request.layers) - set(self.student_layers))
+            if missing:
+                raise ValueError(f"clone-term layers {missing} are not kept by the student {self.student_layers}")
+        b, t = input_ids.shape
+        position_ids = position_ids_for(b, t, input_ids.device, segment_ids)
+        mask = attention_mask_for(attention_mask, segment_ids, t)
+        token_mask = None if attention_mask is None else attention_mask.bool()
+
+        x_s, x_t = self.io.embed(input_ids)
+        cos, sin = self.rotary(x_t, position_ids)
+        clone_terms: dict[tuple[int, str], torch.Tensor] = {}
+        for layer in self.layers:
+            x_s, x_t, layer_terms = layer(x_s, x_t, cos, sin, mask, request, token_mask)
+            for name, value in layer_terms.items():
+                clone_terms[(layer.index, name)] = value
+        logits_s, logits_t = self.io.logits(x_s, x_t)
+        return CloneOutput(logits_s, logits_t, clone_terms, request, list(self.student_layers), token_mask)
+
+    # ------------------------------------------------------------------- trainable parameters
+    def named_projections(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``embed``, ``head`` (only when not tied to ``embed``) and ``layers.{i}.{name}``; each D x d."""
+        yield from self.io.named_projections()
+        for layer in self.layers:
+            yield from layer.named_projections()
+
+    def named_student_norms(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Student RMSNorm gains: ``final_norm`` and ``layers.{i}.{attn,mlp}_norm``."""
+        yield "final_norm", self.io.student_final_norm
+        for layer in self.layers:
+            for name, p in layer.norms.items():
+                yield f"layers.{layer.index}.{name}_norm", p
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every trainable tensor under a stable name (projections, then gains)."""
+        yield from self.named_projections()
+        yield from self.named_student_norms()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes (no teacher weight): for small checkpoints."""
+        return {name: p.detach() for name, p in self.named_trainable()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_trainable())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, p in own.items():
+                if p.shape != state[name].shape:
+                    raise ValueError(f"trainable state {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+                p.copy_(state[name])
+
+    # ------------------------------------------------------------------------------- export
+    def to_hf(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain transformers causal LM with every product merged (see :mod:`lrc.model.export`)."""
+        from lrc.model.export import build_student
+
+        return build_student(self, dtype=dtype)
+
+    def save_student(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write the merged student (+ tokenizer, generation config) atomically to ``path``."""
+        from lrc.model.export import save_student
+
+        return save_student(self, path, dtype=dtype, overwrite=overwrite)

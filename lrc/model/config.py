@@ -1,0 +1,87 @@
+"""``CloneConfig``: what the student is (rank, projection sharing, kept layers, initialisation)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+from lrc.model.init import ProjectionInit, get_projection_init
+
+SHARING_MODES = ("all", "io")
+
+
+@dataclass
+class CloneConfig:
+    """Student definition. Validated against the teacher by :meth:`resolve`.
+
+    rank:               student hidden size d, 1 <= d <= teacher hidden size D.
+    attn_sharing:       "all" = separate Pq, Pk, Pv (paper default); "io" = one shared Pqkv.
+    ffn_sharing:        "all" = separate Pgate, Pup; "io" = one shared Pgate_up.
+    tie_head_projection: Phead = Pembed. ``None`` = tie exactly when the teacher ties its head.
+    layers:             teacher layer indices the student keeps (``None`` = all).
+    layer_stride:       keep every k-th teacher layer (0, k, 2k, ...); exclusive with ``layers``.
+    init:               registered initialiser name (see :mod:`lrc.model.init`) or a callable.
+    init_std:           standard deviation for the "normal" initialiser (reference: 0.02).
+    seed:               seed of the projection initialisation.
+    rms_norm_eps:       student RMSNorm epsilon (``None`` = the teacher's); written to the export.
+    """
+
+    rank: int
+    attn_sharing: Literal["all", "io"] = "all"
+    ffn_sharing: Literal["all", "io"] = "all"
+    tie_head_projection: bool | None = None
+    layers: Sequence[int] | None = None
+    layer_stride: int | None = None
+    init: str | ProjectionInit = "normal"
+    init_std: float = 0.02
+    seed: int = 0
+    rms_norm_eps: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, saved with exports
+
+    def kept_layers(self, num_teacher_layers: int) -> list[int]:
+        """Validated, sorted teacher indices of the layers the student keeps."""
+        n = num_teacher_layers
+        if self.layers is not None and self.layer_stride is not None:
+            raise ValueError("CloneConfig: set at most one of 'layers' and 'layer_stride'")
+        if self.layer_stride is not None:
+            if not isinstance(self.layer_stride, int) or not 1 <= self.layer_stride <= n:
+                raise ValueError(
+                    f"CloneConfig.layer_stride must be an integer in [1, {n}], got {self.layer_stride!r}"
+                )
+            return list(range(0, n, self.layer_stride))
+        if self.layers is None:
+            return list(range(n))
+        layers = list(self.layers)
+        if not layers:
+            raise ValueError("CloneConfig.layers is empty; give at least one teacher layer index or None for all")
+        bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n]
+        if bad:
+            raise ValueError(f"CloneConfig.layers has indices out of range [0, {n - 1}]: {bad}")
+        dups = sorted({i for i in layers if layers.count(i) > 1})
+        if dups:
+            raise ValueError(f"CloneConfig.layers has duplicated indices: {dups}")
+        return sorted(layers)
+
+    def validate(self, teacher_hidden_size: int, num_teacher_layers: int) -> None:
+        """Raise ``ValueError`` naming the key and the allowed range for any bad value."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= teacher_hidden_size:
+            raise ValueError(
+                f"CloneConfig.rank must be an integer in [1, {teacher_hidden_size}] "
+                f"(the teacher's hidden size), got {self.rank!r}"
+            )
+        for key in ("attn_sharing", "ffn_sharing"):
+            if getattr(self, key) not in SHARING_MODES:
+                raise ValueError(f"CloneConfig.{key} must be one of {SHARING_MODES}, got {getattr(self, key)!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"CloneConfig.init_std must be > 0, got {self.init_std!r}")
+        if self.rms_norm_eps is not None and not self.rms_norm_eps > 0:
+            raise ValueError(f"CloneConfig.rms_norm_eps must be > 0 or None, got {self.rms_norm_eps!r}")
+        get_projection_init(self.init)
+        self.kept_layers(num_teacher_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        if callable(self.init):
+            d["init"] = getattr(self.init, "__qualname__", repr(self.init))
+        return d

@@ -1,0 +1,227 @@
+"""Clone modules: one per teacher decoder layer, plus one for embedding / final norm / LM head.
+
+Each module owns its teacher tensors as frozen ``nn.Parameter``s (sharing storage with the loaded
+teacher, so no copy) next to its trainable projections and student RMSNorm gains.  That keeps
+every layer self-contained, so it can be wrapped on its own by FSDP2 or by activation
+checkpointing.
+
+Orientation (spec section 2):  input side ``W_s = W_t @ P``; output side ``W_s = P.T @ W_t``
+(bias ``b_s = b_t @ P``); embedding ``E_s = E @ P_embed``; head ``H_s = H @ P_head``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc.losses import TermRequest, layer_clone_terms
+from lrc.model.functional import AttentionShape, decoder_layer, rms_norm
+from lrc.model.init import InitContext, ProjectionInit
+
+# projection name -> (teacher matrices it multiplies, side)
+_ATTN_PROJ = {"all": {"q": ("wq",), "k": ("wk",), "v": ("wv",)}, "io": {"qkv": ("wq", "wk", "wv")}}
+_FFN_PROJ = {"all": {"gate": ("wgate",), "up": ("wup",)}, "io": {"gate_up": ("wgate", "wup")}}
+_OUTPUT_PROJ = {"o": ("wo", "bo"), "down": ("wdown", "bdown")}
+
+
+def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+class CloneDecoderLayer(nn.Module):
+    """Teacher layer ``index`` (frozen) and, if the student keeps it, its projections and gains.
+
+    ``forward(x_s, x_t, ...)`` advances both streams through this layer and returns the clone
+    terms it was asked for.  A layer the student skips leaves the student stream unchanged.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        teacher: Mapping[str, torch.Tensor | None],
+        shape: AttentionShape,
+        teacher_eps: float,
+        *,
+        rank: int | None,
+        attn_sharing: str = "all",
+        ffn_sharing: str = "all",
+        student_eps: float | None = None,
+        init: ProjectionInit | None = None,
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.shape = shape
+        self.teacher_eps = teacher_eps
+        self.student_eps = teacher_eps if student_eps is None else student_eps
+        self.teacher = nn.ParameterDict({k: _frozen(v) for k, v in teacher.items() if v is not None})
+        self.is_student = rank is not None
+        self.attn_sharing, self.ffn_sharing = attn_sharing, ffn_sharing
+        self.proj = nn.ParameterDict()
+        self.norms = nn.ParameterDict()
+        if rank is None:
+            return
+        d_t = teacher["wq"].shape[1]
+        ref = teacher["wq"]
+        groups = {**_ATTN_PROJ[attn_sharing], **_FFN_PROJ[ffn_sharing]}
+        for name, keys in groups.items():
+            self.proj[name] = self._new_projection(name, "input", keys, d_t, rank, ref, init, init_std, generator)
+        for name, keys in _OUTPUT_PROJ.items():
+            self.proj[name] = self._new_projection(name, "output", keys, d_t, rank, ref, init, init_std, generator)
+        for name in ("attn", "mlp"):
+            self.norms[name] = nn.Parameter(torch.ones(rank, dtype=ref.dtype, device=ref.device))
+
+    def _new_projection(self, name, side, keys, d_t, rank, ref, init, init_std, generator) -> nn.Parameter:
+        p = nn.Parameter(torch.empty(d_t, rank, dtype=ref.dtype, device=ref.device))
+        if init is not None:
+            ctx = InitContext(
+                name=f"layers.{self.index}.{name}",
+                side=side,
+                teacher_weights={k: self.teacher[k] for k in keys if k in self.teacher},
+                generator=generator,
+                std=init_std,
+            )
+            init(p, ctx)
+        return p
+
+    # ---------------------------------------------------------------------------------------
+    def projection_for(self, key: str) -> torch.Tensor:
+        """The projection that multiplies teacher tensor ``key`` (e.g. "wq" -> Pq or Pqkv)."""
+        for name, keys in {**_ATTN_PROJ[self.attn_sharing], **_FFN_PROJ[self.ffn_sharing], **_OUTPUT_PROJ}.items():
+            if key in keys:
+                return self.proj[name]
+        raise KeyError(key)
+
+    def named_projections(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.proj.items():
+            yield f"layers.{self.index}.{name}", p
+
+    def teacher_weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.teacher.items())
+
+    def student_weights(self) -> dict[str, torch.Tensor]:
+        """Merged student tensors, computed once per call (once per forward)."""
+        t = self.teacher
+        w: dict[str, torch.Tensor] = {"attn_norm": self.norms["attn"], "mlp_norm": self.norms["mlp"]}
+        for key in ("wq", "wk", "wv", "wgate", "wup"):
+            w[key] = t[key] @ self.projection_for(key)
+        for key in ("bq", "bk", "bv", "bgate", "bup", "q_norm", "k_norm"):
+            if key in t:
+                w[key] = t[key]
+        for name, (wkey, bkey) in _OUTPUT_PROJ.items():
+            p = self.proj[name]
+            w[wkey] = p.t() @ t[wkey]
+            if bkey in t:
+                w[bkey] = t[bkey] @ p
+        return w
+
+    def forward(
+        self,
+        x_s: torch.Tensor,
+        x_t: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        request: TermRequest,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            x_t, acts_t = decoder_layer(x_t, self.teacher, self.shape, cos, sin, mask, self.teacher_eps)
+        if not self.is_student:
+            return x_s, x_t, {}
+        x_s, acts_s = decoder_layer(x_s, self.student_weights(), self.shape, cos, sin, mask, self.student_eps)
+        terms: dict[str, torch.Tensor] = {}
+        if request.wants(self.index):
+            terms = layer_clone_terms(
+                acts_s,
+                acts_t,
+                request,
+                teacher_o_weight=self.teacher["wo"],
+                teacher_o_bias=self.teacher["bo"] if "bo" in self.teacher else None,
+                proj_o=self.proj["o"],
+                proj_down=self.proj["down"],
+                token_mask=token_mask,
+            )
+        return x_s, x_t, terms
+
+
+class CloneEmbeddings(nn.Module):
+    """Token embedding, final RMSNorm and LM head of both streams.
+
+    The student embeds as ``E[ids] @ P_embed`` (identical to ``(E @ P_embed)[ids]`` but without
+    materialising the V x d matrix) and predicts with the merged head ``H @ P_head``.
+    """
+
+    def __init__(
+        self,
+        teacher: Mapping[str, torch.Tensor | None],
+        rank: int,
+        teacher_eps: float,
+        student_eps: float,
+        tie_head_projection: bool,
+        init: ProjectionInit,
+        init_std: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        super().__init__()
+        embed = teacher["embed"]
+        self.teacher_eps, self.student_eps = teacher_eps, student_eps
+        self.teacher_embed = _frozen(embed)
+        self.teacher_head = _frozen(teacher["head"])  # None when the teacher ties its head
+        self.teacher_final_norm = _frozen(teacher["final_norm"])
+        self.student_final_norm = nn.Parameter(torch.ones(rank, dtype=embed.dtype, device=embed.device))
+        d_t = embed.shape[1]
+
+        def new(name: str, weights: dict[str, torch.Tensor]) -> nn.Parameter:
+            p = nn.Parameter(torch.empty(d_t, rank, dtype=embed.dtype, device=embed.device))
+            init(p, InitContext(name=name, side="embedding", teacher_weights=weights, generator=generator, std=init_std))
+            return p
+
+        self.proj_embed = new("embed", {"embed": embed})
+        head_weights = {"head": embed if teacher["head"] is None else teacher["head"]}
+        self.proj_head = None if tie_head_projection else new("head", head_weights)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.teacher_embed if self.teacher_head is None else self.teacher_head
+
+    @property
+    def head_projection(self) -> torch.Tensor:
+        return self.proj_embed if self.proj_head is None else self.proj_head
+
+    @property
+    def student_tied(self) -> bool:
+        """The student's embedding and head are one matrix (teacher tied and projection tied)."""
+        return self.teacher_head is None and self.proj_head is None
+
+    def named_projections(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "embed", self.proj_embed
+        if self.proj_head is not None:
+            yield "head", self.proj_head
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        """Student embedding (V x d), head (V x d) and final norm gain (d,)."""
+        embed = self.teacher_embed @ self.proj_embed
+        head = embed if self.student_tied else self.head_weight @ self.head_projection
+        return {"embed": embed, "head": head, "final_norm": self.student_final_norm}
+
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x_t = F.embedding(input_ids, self.teacher_embed)
+        x_s = F.embedding(input_ids, self.teacher_embed) @ self.proj_embed
+        return x_s, x_t
+
+    def logits(self, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits_t = F.linear(rms_norm(x_t, self.teacher_final_norm, self.teacher_eps), self.head_weight)
+        head_s = self.head_weight @ self.head_projection
+        logits_s = F.linear(rms_norm(x_s, self.student_final_norm, self.student_eps), head_s)
+        return logits_s, logits_t
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - use embed() / logits()
+        raise RuntimeError("CloneEmbeddings is used through embed() and logits()")
+
