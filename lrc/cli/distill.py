@@ -1,0 +1,195 @@
+"""``lrc-distill``: compose the Hydra config, validate it, train, export, summarise.
+
+    lrc-distill                                    # the embedded default (SmolLM2-135M, rank 288)
+    lrc-distill student.rank=144 loss.alpha=0.5    # any key can be overridden
+    lrc-distill -m student.rank=144,288 loss.alpha=0.2,0.5
+    lrc-distill hydra.run.dir=runs/lrc/<run> ckpt_path=last   # resume
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lrc.cli.common import CONF_DIR, ConfigError, print_summary
+
+RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")
+
+
+# ----------------------------------------------------------------------------- validation
+def check_static(cfg: DictConfig) -> Path:
+    """Checks that need no model or data; returns the output directory."""
+    t = cfg.trainer
+    if not t.get("fast_dev_run"):
+        steps = t.get("max_steps")
+        if steps is None or int(steps) <= 0:
+            raise ConfigError(f"trainer.max_steps must be a positive number of steps, got {steps!r}")
+    if not float(cfg.optim.lr) >= 0:
+        raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr!r}")
+    out = Path(cfg.paths.output_dir)
+    resuming = cfg.ckpt_path is not None
+    if not resuming and out.exists() and any((out / m).exists() for m in RUN_MARKERS):
+        raise ConfigError(
+            f"output directory {out} already holds a run; resume it with ckpt_path=last "
+            f"or choose another directory (hydra.run.dir=...)"
+        )
+    if resuming and cfg.ckpt_path != "last" and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
+    if cfg.ckpt_path == "last" and not (out / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(f"ckpt_path=last but {out / 'checkpoints' / 'last.ckpt'} does not exist")
+    return out
+
+
+def resolve_ckpt(cfg: DictConfig, out: Path) -> str | None:
+    if cfg.ckpt_path == "last":
+        return str(out / "checkpoints" / "last.ckpt")
+    return cfg.ckpt_path
+
+
+# ---------------------------------------------------------------------------------- build
+def build_trainer(cfg: DictConfig, callbacks: list) -> Any:
+    from hydra.utils import instantiate
+
+    loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job. Returns the summary dict (also written to ``metrics.json``)."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from lrc.losses import LossConfig, LRCLoss
+    from lrc.model import CloneConfig
+    from lrc.teachers import load_teacher
+    from lrc.training.callbacks import GracefulShutdown
+    from lrc.training.module import DistillModule, NonFiniteLossError
+
+    out = check_static(cfg)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    # the datamodule validates its sources (files exist, fields present) before anything heavy
+    datamodule = instantiate(cfg.data)
+    teacher_kw = container["teacher"]
+    teacher, tokenizer = load_teacher(**teacher_kw)
+    max_len = int(getattr(teacher.config, "max_position_embeddings", 0) or 0)
+    if max_len and int(cfg.data.seq_len) > max_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's maximum of {max_len} positions")
+    clone_cfg = CloneConfig(**container["student"])
+    clone_cfg.validate(teacher.config.hidden_size, teacher.config.num_hidden_layers)
+    LRCLoss(LossConfig(**container["loss"])).check_layers(clone_cfg.kept_layers(teacher.config.num_hidden_layers))
+    datamodule.set_tokenizer(tokenizer)
+
+    module = DistillModule(
+        teacher=teacher_kw,
+        student=container["student"],
+        loss=container["loss"],
+        optim=container["optim"],
+        document_mask=bool(cfg.document_mask),
+        teacher_model=teacher,
+        tokenizer=tokenizer,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.ckpt_path is None:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(container))
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = build_trainer(cfg, callbacks)
+    shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
+
+    before: dict[str, float] = {}
+    if cfg.validate_before and cfg.ckpt_path is None:
+        before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    start = time.perf_counter()
+    tokens_at_start = module.tokens_seen
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, out))
+    except NonFiniteLossError as err:
+        raise ConfigError(f"training stopped: {err}") from None
+    wall = time.perf_counter() - start
+    summary: dict[str, Any] = {
+        "run_dir": str(out.resolve()),
+        "tokens_seen": int(module.tokens_seen),
+        "steps": int(trainer.global_step),
+        "wall_time_s": round(wall, 1),
+        "tokens_per_s": round((module.tokens_seen - tokens_at_start) / max(wall, 1e-9), 1),
+        "tokens_per_source": getattr(datamodule, "tokens_per_source", None),
+    }
+    if shutdown is not None and shutdown.interrupted:
+        summary["interrupted"] = True
+        summary["checkpoint"] = str(shutdown.path)
+        print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
+              f"hydra.run.dir={out}", file=sys.stderr)
+        _write_json(out / "metrics.json", summary)
+        return summary
+
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    summary.update({
+        "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in before.items() if k.startswith("val/")},
+        "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
+    })
+    if not trainer.fast_dev_run:
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+    if cfg.export.enabled:
+        dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
+        path = module.clone.save_student(out / "student", dtype=dtype, overwrite=True)
+        summary["export_dir"] = str(path.resolve())
+        summary["answer"] = greedy_answer(path, cfg.summary.prompt, int(cfg.summary.max_new_tokens))
+        summary["prompt"] = cfg.summary.prompt
+    _write_json(out / "metrics.json", summary)
+    print_summary(summary)
+    return summary
+
+
+def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """Load the exported student like any transformers model and answer ``prompt`` greedily."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    messages = [{"role": "user", "content": prompt}]
+    if tok.chat_template:
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+    tmp.replace(path)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("LRC_DEBUG"):
+            raise
+        print(f"lrc-distill: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return (summary.get("val") or {}).get("ce")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Callbacks: save-and-stop on SIGINT/SIGTERM, and a final run summary."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+class GracefulShutdown(L.Callback):
+    """On SIGINT or SIGTERM, finish the current step, write ``<dirpath>/last.ckpt`` and stop.
+
+    The checkpoint holds the optimizer, scheduler, data position and trainable weights, so
+    ``ckpt_path=last`` continues exactly where the run stopped.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C stops at once
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.received is None:
+            return
+        trainer.save_checkpoint(self.path)
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.received is not None
