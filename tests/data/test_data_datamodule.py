@@ -1,0 +1,357 @@
+"""TokenMixDataModule: packing through the module, mixing, validation split, resume, errors."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from datatest_utils import EOS, byte_ids, collect, write_jsonl
+
+from lrc.data.datamodule import TokenMixDataModule
+
+
+def docs(prefix: str, n: int, length: int = 23) -> list[dict]:
+    """``n`` documents with unique, recognisable text of ~``length`` bytes."""
+    return [{"text": f"<{prefix}{i:04d}>" + ("abcdefghij" * 10)[: max(0, length - 7)]} for i in range(n)]
+
+
+def make_dm(tmp_path, tok, sources, **kw) -> TokenMixDataModule:
+    kw.setdefault("seq_len", 16)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    dm = TokenMixDataModule(sources, tokenizer=tok, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def decode_all(batches, key="input_ids"):
+    return [row for b in batches for row in b[key]]
+
+
+# --------------------------------------------------------------------------- packing, by hand
+
+
+def test_exact_chunks_through_the_module(tmp_path, tok):
+    texts = ["hello", "abc", "xy", "0123456", "last one!"]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(path)}],
+                 seq_len=4, batch_size=1, shuffle=False, val_fraction=0.25, document_mask=True, drop_last=False)
+    # validation = last documents holding >= 25% of the 31 tokens (7.75): "last one!"+eos = 10 tokens
+    stream = []
+    for t in texts[:-1]:
+        stream += byte_ids(t) + [EOS]
+    expected = [stream[i : i + 4] for i in range(0, len(stream) - 3, 4)]  # 21 tokens -> 5 chunks
+    got = decode_all(collect(dm.train_dataloader()))
+    assert got == expected and len(got) == 5
+    val = decode_all(collect(dm.val_dataloader()))
+    vstream = byte_ids("last one!") + [EOS]
+    assert val == [vstream[0:4], vstream[4:8]]
+    # segment ids of chunk 1 = "o", eos, "a", "b": the eos ends "hello", "abc" starts at position 2
+    seg = decode_all(collect(dm.train_dataloader()), "segment_ids")
+    assert seg[1] == [0, 0, 1, 1]
+    assert dm.tokens_per_source == {"a": 20} and dm.val_tokens_per_source == {"a": 8}
+
+
+def test_batch_format(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", docs("a", 40))
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(path)}], document_mask=True)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "source_ids", "segment_ids"}
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (4, 16)
+    assert batch["segment_ids"].shape == (4, 16) and batch["source_ids"].shape == (4,)
+    # segment ids increase by one right after every eos, and never otherwise
+    for ids, seg in zip(batch["input_ids"].tolist(), batch["segment_ids"].tolist()):
+        for t in range(1, 16):
+            assert seg[t] - seg[t - 1] == (1 if ids[t - 1] == EOS else 0)
+    dm2 = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(path)}])
+    assert set(next(iter(dm2.train_dataloader()))) == {"input_ids", "source_ids"}
+
+
+def test_cache_is_reused(tmp_path, tok, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", docs("a", 30))
+    src = [{"name": "a", "kind": "jsonl", "path": str(path)}]
+    first = collect(make_dm(tmp_path, tok, src).train_dataloader())
+    import lrc.data.datamodule as dmod
+
+    monkeypatch.setattr(dmod, "iter_documents", lambda *a, **k: pytest.fail("re-read a cached source"))
+    assert collect(make_dm(tmp_path, tok, src).train_dataloader()) == first
+    packed = list((tmp_path / "cache" / "packed").iterdir())
+    assert len(packed) == 1 and (packed[0] / "meta.json").is_file()
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_is_disjoint_from_training(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 60))
+    b = write_jsonl(tmp_path / "b.jsonl", docs("b", 60))
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(a)},
+                                 {"name": "b", "kind": "jsonl", "path": str(b)}], val_fraction=0.1)
+
+    def markers(rows):
+        return {m for r in rows for m in re.findall(r"<([ab]\d{4})>", tok.decode(r))}
+
+    train = markers(decode_all(collect(dm.train_dataloader())))
+    val = markers(decode_all(collect(dm.val_dataloader())))
+    assert len(val) >= 6 and len(train) >= 60 and not train & val
+    # the held-out documents are the last ones of each source (6 of 60 = 10%)
+    assert val <= {f"{p}{i:04d}" for p in "ab" for i in range(54, 60)}
+    assert set(dm.val_tokens_per_source) == {"a", "b"} and all(v > 0 for v in dm.val_tokens_per_source.values())
+
+
+def test_val_sequences_cap_keeps_proportions(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 200))
+    b = write_jsonl(tmp_path / "b.jsonl", docs("b", 100))
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(a)},
+                                 {"name": "b", "kind": "jsonl", "path": str(b)}],
+                 val_fraction=0.2, val_sequences=9)
+    sizes = dm.val_dataset.sizes
+    assert sizes[0] > sizes[1] > 0
+    ids = [s for bt in collect(dm.val_dataloader()) for s in bt["source_ids"]]
+    assert len(ids) == 9
+    assert abs(ids.count(0) - 9 * sizes[0] / sum(sizes)) <= 1
+
+
+# --------------------------------------------------------------------------- mixing
+
+
+def test_mixture_proportions_follow_weights(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 300))
+    b = write_jsonl(tmp_path / "b.jsonl", docs("b", 300))
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(a), "weight": 3.0},
+                                 {"name": "b", "kind": "jsonl", "path": str(b), "weight": 1.0}],
+                 batch_size=8)
+    ta, tb = dm.tokens_per_source["a"], dm.tokens_per_source["b"]
+    assert ta == dm.available_chunks[0] * 16  # "a" is the scarce one relative to its weight
+    assert abs(ta / 16 - 3 * tb / 16) <= 3  # 3:1 to within one chunk per unit of weight
+    ids = [s for bt in collect(dm.train_dataloader()) for s in bt["source_ids"]]
+    assert len(ids) == (ta + tb) // 16 // 8 * 8  # whole batches of the planned mixture
+    # every prefix of the epoch is within one chunk of 3:1
+    counts = np.cumsum(np.array(ids) == 0)
+    t = np.arange(1, len(ids) + 1)
+    share = ta / (ta + tb)
+    assert np.abs(counts - share * t).max() <= 1.0 + 1e-9
+
+
+def test_budgets_and_max_train_tokens(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 100))
+    b = write_jsonl(tmp_path / "b.jsonl", docs("b", 100))
+    dm = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(a), "max_tokens": 160},
+                                 {"name": "b", "kind": "jsonl", "path": str(b)}])
+    assert dm.tokens_per_source["a"] == 160  # 10 chunks of 16
+    assert dm.tokens_per_source["b"] == dm.available_chunks[1] * 16  # no weight, no budget: all
+    capped = make_dm(tmp_path, tok, [{"name": "a", "kind": "jsonl", "path": str(a), "weight": 1.0},
+                                     {"name": "b", "kind": "jsonl", "path": str(b), "weight": 1.0}],
+                     max_train_tokens=16 * 20)
+    assert capped.tokens_per_source == {"a": 160, "b": 160}
+    assert len(capped.train_dataloader()) == 5
+
+
+def test_shuffle_is_deterministic_and_epoch_dependent(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 120))
+    src = [{"name": "a", "kind": "jsonl", "path": str(a)}]
+    dm1, dm2 = (make_dm(tmp_path, tok, src, seed=5, drop_last=False) for _ in range(2))
+    e0 = collect(dm1.train_dataloader())
+    assert e0 == collect(dm2.train_dataloader())
+    dm1.set_epoch(1)
+    e1 = collect(dm1.train_dataloader())
+    assert e1 != e0 and sorted(map(str, decode_all(e1))) == sorted(map(str, decode_all(e0)))
+    other = collect(make_dm(tmp_path, tok, src, seed=6, drop_last=False).train_dataloader())
+    assert other != e0
+    unshuffled = decode_all(collect(make_dm(tmp_path, tok, src, shuffle=False).train_dataloader()))
+    packed = make_dm(tmp_path, tok, src, shuffle=False).train_dataset.streams[0]
+    assert unshuffled == [packed.chunk(i).tolist() for i in range(len(unshuffled))]
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def _two_sources(tmp_path, streaming=False):
+    a = write_jsonl(tmp_path / "a.jsonl", docs("a", 150, 31))
+    b = write_jsonl(tmp_path / "b.jsonl", docs("b", 90, 19))
+    return [{"name": "a", "kind": "jsonl", "path": str(a), "weight": 2.0, "streaming": streaming},
+            {"name": "b", "kind": "jsonl", "path": str(b), "weight": 1.0, "streaming": streaming}]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_mid_epoch_resume_is_exact(tmp_path, tok, streaming):
+    sources = _two_sources(tmp_path, streaming)
+    kw = dict(seed=3, document_mask=True, shuffle_buffer=16)
+    # uninterrupted: all of epoch 0, then epoch 1
+    ref = make_dm(tmp_path, tok, sources, **kw)
+    loader = ref.train_dataloader()
+    epoch0 = collect(loader)
+    ref.set_epoch(1)
+    epoch1 = collect(loader)
+    assert len(epoch0) >= 8 and epoch0 != epoch1
+
+    # interrupted after 5 batches
+    run = make_dm(tmp_path, tok, sources, **kw)
+    first = collect(run.train_dataloader(), 5)
+    assert first == epoch0[:5]
+    state = run.state_dict()
+    assert state["epoch"] == 0 and state["batches_consumed"] == 5 and state["version"] == 1
+
+    resumed = make_dm(tmp_path, tok, sources, **kw)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    assert collect(loader) == epoch0[5:]
+    assert resumed.state_dict()["batches_consumed"] == len(epoch0)
+    resumed.set_epoch(1)
+    assert collect(loader) == epoch1  # the next epoch starts from its beginning
+
+    # state loaded before setup (Lightning restores after setup, manual users may not)
+    early = TokenMixDataModule(sources, tokenizer=tok, seq_len=16, batch_size=4,
+                               cache_dir=str(tmp_path / "cache"), **kw)
+    early.load_state_dict(state)
+    assert collect(early.train_dataloader(), 2) == epoch0[5:7]
+
+
+def test_resume_in_a_later_epoch(tmp_path, tok):
+    sources = _two_sources(tmp_path)
+    ref = make_dm(tmp_path, tok, sources, seed=1)
+    ref.set_epoch(2)
+    epoch2 = collect(ref.train_dataloader())
+    resumed = make_dm(tmp_path, tok, sources, seed=1)
+    resumed.load_state_dict({"version": 1, "epoch": 2, "batches_consumed": 3, "fingerprint": None, "seed": 1})
+    assert collect(resumed.train_dataloader()) == epoch2[3:]
+
+
+def test_streaming_with_workers_keeps_the_order(tmp_path, tok):
+    sources = _two_sources(tmp_path, streaming=True)
+    ref = collect(make_dm(tmp_path, tok, sources, seed=2).train_dataloader())
+    dm = make_dm(tmp_path, tok, sources, seed=2, num_workers=2)
+    assert collect(dm.train_dataloader()) == ref
+    dm.load_state_dict({"version": 1, "epoch": 0, "batches_consumed": 3, "fingerprint": None, "seed": 2})
+    assert collect(dm.train_dataloader()) == ref[3:]
+
+
+def test_streaming_matches_weights_and_holds_out_the_stream_head(tmp_path, tok):
+    sources = _two_sources(tmp_path, streaming=True)
+    dm = make_dm(tmp_path, tok, sources, seed=0, val_tokens=64, shuffle=False)
+    ids = [s for bt in collect(dm.train_dataloader()) for s in bt["source_ids"]]
+    t = np.arange(1, len(ids) + 1)
+    assert np.abs(np.cumsum(np.array(ids) == 0) - t * 2 / 3).max() <= 1.0 + 1e-9
+    assert dm.tokens_per_source == {"a": None, "b": None}
+    # validation = first documents of each stream (>= 64 tokens), never trained on
+    val_text = tok.decode([x for r in decode_all(collect(dm.val_dataloader())) for x in r])
+    train_text = tok.decode([x for r in decode_all(collect(dm.train_dataloader())) for x in r])
+    assert "<a0000>" in val_text and "<b0000>" in val_text
+    assert "<a0000>" not in train_text and "<b0000>" not in train_text
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming):
+    """Through a real Trainer: checkpoint mid-epoch, resume from it, same batches as one run."""
+    import lightning as L
+
+    sources = _two_sources(tmp_path, streaming)
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[list[int]]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["input_ids"].tolist())
+            return (self.w * batch["input_ids"].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def trainer(max_steps, ckpt_every=None):
+        cbs = []
+        if ckpt_every:
+            cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every,
+                                                           save_top_k=-1, filename="{step}"))
+        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=bool(ckpt_every), callbacks=cbs,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+
+    def fresh_dm():
+        return TokenMixDataModule(sources, tokenizer=tok, seq_len=16, batch_size=4, seed=7,
+                                  cache_dir=str(tmp_path / "cache"))
+
+    full_dm = fresh_dm()
+    full_dm.setup("fit")
+    per_epoch = len(collect(full_dm.train_dataloader()))
+    total = per_epoch + 3  # crosses an epoch boundary
+    full = Recorder()
+    trainer(total).fit(full, datamodule=fresh_dm())
+    assert len(full.seen) == total
+
+    first = Recorder()
+    trainer(5, ckpt_every=5).fit(first, datamodule=fresh_dm())
+    ckpt = tmp_path / "ckpt" / "step=5.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["TokenMixDataModule"]
+    assert saved["epoch"] == 0 and saved["batches_consumed"] == 5
+
+    second = Recorder()
+    trainer(total).fit(second, datamodule=fresh_dm(), ckpt_path=ckpt)
+    assert first.seen + second.seen == full.seen
+
+
+def test_sampler_shards_whole_batches_by_rank():
+    from torch.utils.data import DistributedSampler
+
+    from lrc.data.datamodule import MixtureSampler
+
+    full = MixtureSampler([30, 20], [30, 10], batch_size=4, seed=1)
+    assert isinstance(full, DistributedSampler)  # so Lightning does not wrap it again
+    glob = [b.tolist() for b in full.rank_batches(0)]
+    assert len(glob) == 10 and len(full) == 40 and len(list(full)) == 40
+    ranks = [MixtureSampler([30, 20], [30, 10], batch_size=4, seed=1, rank=r, world_size=3) for r in range(3)]
+    # 10 global batches // 3 ranks = 3 each; rank r takes global batches r, r + 3, r + 6
+    for r, sampler in enumerate(ranks):
+        assert [b.tolist() for b in sampler.rank_batches(0)] == [glob[r], glob[r + 3], glob[r + 6]]
+        assert len(sampler) == 12 and list(sampler) == [i for g in (r, r + 3, r + 6) for i in glob[g]]
+    ragged = MixtureSampler([40], [40], batch_size=6, seed=0, drop_last=False)
+    assert len(ragged) == 40 and len(ragged.rank_batches(0)[-1]) == 4
+    ragged.set_resume(0, 5)
+    assert list(ragged) == ragged.epoch_order(0)[30:].tolist()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors(tmp_path, tok):
+    path = str(write_jsonl(tmp_path / "a.jsonl", docs("a", 3)))
+    ok = [{"name": "a", "kind": "jsonl", "path": path}]
+    with pytest.raises(ValueError, match=r"seq_len=4096 exceeds .* max_seq_len=2048"):
+        TokenMixDataModule(ok, tokenizer=tok, seq_len=4096, max_seq_len=2048)
+    with pytest.raises(ValueError, match="no training sequences of seq_len=512"):
+        make_dm(tmp_path, tok, ok, seq_len=512)
+    with pytest.raises(ValueError, match="no full training batch"):
+        make_dm(tmp_path, tok, ok, seq_len=16, batch_size=64)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        TokenMixDataModule(ok, seq_len=16).setup("fit")
+    with pytest.raises(ValueError, match=r"names must be unique; repeated: \['a'\]"):
+        TokenMixDataModule(ok + ok, tokenizer=tok)
+    with pytest.raises(ValueError, match="at least one data source"):
+        TokenMixDataModule([], tokenizer=tok)
+    with pytest.raises(FileNotFoundError, match=r"'b' \(jsonl\): file not found"):  # at construction time
+        TokenMixDataModule(ok + [{"name": "b", "kind": "jsonl", "path": str(tmp_path / "b.jsonl")}])
+    streaming = [dict(ok[0], streaming=True, weight=1.0), {"name": "b", "kind": "jsonl", "path": path,
+                                                           "streaming": True}]
+    with pytest.raises(ValueError, match="streaming mixture needs 'weight' on every source"):
+        TokenMixDataModule(streaming, tokenizer=tok)
+    with pytest.raises(ValueError, match="unsupported TokenMixDataModule state version"):
+        make_dm(tmp_path, tok, ok, seq_len=8, batch_size=1).load_state_dict({"version": 99})
+
+
+def test_set_tokenizer_checks_chat_sources(tmp_path, tok):
+    from types import SimpleNamespace
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
+    dm = TokenMixDataModule([{"name": "chat", "kind": "jsonl", "path": str(path), "messages_field": "messages"}],
+                            seq_len=8)
+    with pytest.raises(ValueError, match="'chat': messages_field is set but the tokenizer has no chat_template"):
+        dm.set_tokenizer(SimpleNamespace(eos_token_id=0, chat_template=None))
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        dm.set_tokenizer(SimpleNamespace(eos_token_id=None, chat_template="x"))
+    dm.set_tokenizer(tok)
+    assert dm.tokenizer is tok
