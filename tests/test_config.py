@@ -32,7 +32,7 @@ def test_groups_present():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    over = [f"+{group}={option}" if group in ("experiment", "debug") else f"{group}={option}"]
+    over = [f"{group}={option}"]
     if group == "teacher" and option == "hub":
         over.append("teacher.source=org/some-model")
     cfg = composed(over, tmp_path)

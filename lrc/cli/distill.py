@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -56,17 +57,28 @@ def resolve_ckpt(cfg: DictConfig, out: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------- build
 def build_trainer(cfg: DictConfig, callbacks: list) -> Any:
+    loggers = [instantiate_checked(c) for c in (cfg.get("logger") or [])]
+    return instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises the constructor's own ValueError /
+    FileNotFoundError instead of Hydra's wrapper, so the user sees one clear message."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The whole job. Returns the summary dict (also written to ``metrics.json``)."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
 
     from lrc.losses import LossConfig, LRCLoss
     from lrc.model import CloneConfig
@@ -75,11 +87,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lrc.training.module import DistillModule, NonFiniteLossError
 
     out = check_static(cfg)
+    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
     container = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     # the datamodule validates its sources (files exist, fields present) before anything heavy
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data)
     teacher_kw = container["teacher"]
     teacher, tokenizer = load_teacher(**teacher_kw)
     max_len = int(getattr(teacher.config, "max_position_embeddings", 0) or 0)
@@ -103,7 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path is None:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(container))
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = build_trainer(cfg, callbacks)
     shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
 
@@ -123,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "steps": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "tokens_per_s": round((module.tokens_seen - tokens_at_start) / max(wall, 1e-9), 1),
-        "tokens_per_source": getattr(datamodule, "tokens_per_source", None),
+        "tokens_per_source": dict(module.tokens_per_source),
     }
     if shutdown is not None and shutdown.interrupted:
         summary["interrupted"] = True

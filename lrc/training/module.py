@@ -77,6 +77,7 @@ class DistillModule(L.LightningModule):
         self._loaded = (teacher_model, tokenizer)
         self.clone: LowRankClone | None = None
         self.tokens_seen = 0
+        self.tokens_per_source: dict[str, int] = {}  # training tokens seen, by data source
         self._t_last: float | None = None
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("ce", "teacher_ce", "kl", "top1_agreement")}
@@ -103,7 +104,11 @@ class DistillModule(L.LightningModule):
         """Checkpoints hold only what is trained: never the teacher's weights."""
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lrc"] = {"tokens_seen": self.tokens_seen, "trainable_keys": sorted(keep)}
+        checkpoint["lrc"] = {
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_source": dict(self.tokens_per_source),
+            "trainable_keys": sorted(keep),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = self.trainable_keys() - set(checkpoint["state_dict"])
@@ -112,6 +117,7 @@ class DistillModule(L.LightningModule):
         # teacher weights come from the teacher, not from the checkpoint
         checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items()}, **checkpoint["state_dict"]}
         self.tokens_seen = checkpoint.get("lrc", {}).get("tokens_seen", 0)
+        self.tokens_per_source = dict(checkpoint.get("lrc", {}).get("tokens_per_source", {}))
 
     # --------------------------------------------------------------------------- training
     def _forward(self, batch: Mapping[str, torch.Tensor], terms: TermRequest):
@@ -132,6 +138,7 @@ class DistillModule(L.LightningModule):
             )
         n_tokens = int(ids.numel() if out.token_mask is None else out.token_mask.sum())
         self.tokens_seen += n_tokens
+        self._count_sources(batch)
         now = time.perf_counter()
         tps = n_tokens / (now - self._t_last) if self._t_last is not None else float("nan")
         self._t_last = now
@@ -140,13 +147,26 @@ class DistillModule(L.LightningModule):
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True)
         if math.isfinite(tps):
-            self.log("train/tokens_per_s", tps, on_step=True, prog_bar=True)
+            self.log("train/tokens_per_s", tps, on_step=True)
+            self.log("tok/s", tps, prog_bar=True, logger=False)
         every = int(self.log_cfg.get("per_layer_every_n_steps") or 0)
         if every and self.global_step % every == 0:
             self.log_dict(
                 {f"train_layers/{k}": v.detach() for k, v in terms.items() if k.count("/") == 2}, on_step=True
             )
         return loss
+
+    def _count_sources(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Per-source token counts from ``batch["source_ids"]`` (an index into the data module's
+        ``source_names``), logged as ``train/tokens/<source>``."""
+        src = batch.get("source_ids")
+        names = getattr(getattr(self.trainer, "datamodule", None), "source_names", None) if self._trainer else None
+        if src is None or not names:
+            return
+        counts = torch.bincount(src.flatten().cpu(), minlength=len(names)) * batch["input_ids"].shape[1]
+        for name, c in zip(names, counts.tolist()):
+            self.tokens_per_source[name] = self.tokens_per_source.get(name, 0) + c
+            self.log(f"train/tokens/{name}", float(self.tokens_per_source[name]), on_step=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
