@@ -11,13 +11,16 @@ Pipeline (see :mod:`lrc.data.sources` and :mod:`lrc.data.packing`):
 3. if any source is **streaming**, all training sources are read, tokenized and packed on
    the fly in an ``IterableDataset`` (validation is still packed in memory);
 4. chunks of the sources are mixed by :func:`~lrc.data.packing.mixture_counts` (weights,
-   token budgets, ``max_train_tokens``) and :func:`~lrc.data.packing.interleave`; each
-   epoch shuffles the chunks of every source with a permutation seeded by
-   ``(seed, epoch, source)``.
+   token budgets, ``max_train_tokens``) and :func:`~lrc.data.packing.interleave` (every
+   prefix of an epoch holds each source's share to within one sequence); each epoch
+   shuffles the chunks of every source with a permutation seeded by ``(seed, epoch,
+   source)`` (streaming: a per-source shuffle buffer), before mixing.
 
 Validation: a source's dedicated split when it has one (the embedded corpus' held-out
-packages, a hub ``val_split``), otherwise its last documents (``val_fraction`` of its
-tokens, or ``val_tokens``). Validation documents never appear in training.
+packages, a hub ``val_split``); otherwise, for in-memory mixtures, its last documents
+(``val_fraction`` of its tokens, or ``val_tokens``), and for streaming mixtures the
+first documents of the stream (``val_tokens``, default 16 sequences), which training
+skips. Validation documents never appear in training.
 
 Batches are dicts::
 
@@ -49,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset, get_worker_info
 
 from lrc.data.corpus import default_cache_dir
 from lrc.data.packing import (
@@ -60,7 +63,6 @@ from lrc.data.packing import (
     mixture_counts,
     pack_documents,
     seeded_rng,
-    segment_ids,
     token_dtype,
     tokenize_documents,
 )
@@ -411,9 +413,10 @@ class StreamingMixture(IterableDataset):
     :class:`~lrc.data.packing.OnlineInterleaver` over ``shares``. A source stops at its
     chunk budget; a weighted source running dry ends the epoch (keeping the proportions);
     ``total_chunks`` caps the epoch. With ``shuffle``, each source's chunks pass a shuffle
-    buffer of ``shuffle_buffer`` chunks seeded by ``(seed, epoch, source)`` before mixing. Batch ``b`` of the epoch goes to dataloader worker ``b % W``, so the
-    batch order does not depend on the number of workers (each worker reads the full stream).
-    Resuming replays the stream and skips ``resume_batch`` batches.
+    buffer of ``shuffle_buffer`` chunks seeded by ``(seed, epoch, source)`` before mixing.
+    Batch ``b`` of the epoch goes to dataloader worker ``b % W``, so the batch order does not
+    depend on the number of workers (each worker reads the full stream). Resuming replays
+    the stream and skips ``resume_batch`` batches.
     """
 
     def __init__(
@@ -707,10 +710,6 @@ class TokenMixDataModule(LightningDataModule):
         self.streaming = any(s.streaming for s in self.sources)
         if self.streaming:
             self._check_streaming_mixture()
-        self.tokenizer = None
-        if tokenizer is not None:
-            self.set_tokenizer(tokenizer)
-
         self._packed: list[PackedSource] | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: PackedChunks | None = None
@@ -720,6 +719,9 @@ class TokenMixDataModule(LightningDataModule):
         self._resume: dict | None = None
         self.counts: list[int | None] = []
         self.available_chunks: list[int | None] = []
+        self.tokenizer = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ configuration
 
@@ -738,8 +740,11 @@ class TokenMixDataModule(LightningDataModule):
             raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
         for src in self.sources:
             validate_source(src, tokenizer, check_data=False)
+        fp = tokenizer_fingerprint(tokenizer)
+        if getattr(self, "_tokenizer_fp", fp) != fp:  # a different tokenizer: rebuild on next setup
+            self.train_dataset = self.val_dataset = self.sampler = self._train_loader = None
         self.tokenizer = tokenizer
-        self._tokenizer_fp = tokenizer_fingerprint(tokenizer)
+        self._tokenizer_fp = fp
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -817,7 +822,10 @@ class TokenMixDataModule(LightningDataModule):
                 f"{sizes} full chunks (too little text for this seq_len?)"
             )
         if empty:
-            warnings.warn(f"data sources {empty} contribute no training sequences (too short for seq_len={self.seq_len})")
+            warnings.warn(
+                f"data sources {empty} contribute no training sequences (too short for seq_len={self.seq_len})",
+                stacklevel=2,
+            )
         rank, world = self._rank_world()
         self.train_dataset = PackedChunks([p.train for p in self._packed], self.document_mask)
         self.sampler = MixtureSampler(
@@ -886,7 +894,7 @@ class TokenMixDataModule(LightningDataModule):
             indices = indices[: self.val_sequences]
         self.val_indices = indices
         if not indices:
-            warnings.warn("the data module has no validation sequences (too little held-out text for seq_len?)")
+            warnings.warn("the data module has no validation sequences (too little held-out text for seq_len?)", stacklevel=2)
 
     # ------------------------------------------------------------------ loaders
 
@@ -932,8 +940,9 @@ class TokenMixDataModule(LightningDataModule):
             self.setup("validate")
         if not self.val_indices:
             return []
+        # a Subset read sequentially (not a custom sampler): Lightning sees an unshuffled loader
         return DataLoader(
-            self.val_dataset, batch_size=self.val_batch_size, sampler=list(self.val_indices),
+            Subset(self.val_dataset, list(self.val_indices)), batch_size=self.val_batch_size, shuffle=False,
             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False,
         )
 
@@ -1023,8 +1032,7 @@ class TokenMixDataModule(LightningDataModule):
         if fp is not None and self.tokenizer is not None and fp != self._mixture_fingerprint():
             warnings.warn(
                 "resuming TokenMixDataModule with a different data configuration than the checkpoint's; "
-                "the position is kept but the batches will differ from the original run"
-            )
+                "the position is kept but the batches will differ from the original run", stacklevel=2)
         target.set_epoch(self._resume["epoch"])
         target.set_resume(self._resume["epoch"], self._resume["batches_consumed"])
         if self._train_loader is not None:

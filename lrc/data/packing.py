@@ -156,8 +156,8 @@ class StreamPacker:
     """Incremental version of :func:`pack_documents` for streams that do not fit in memory.
 
     ``feed(ids)`` appends one document (+ eos) and returns the chunks completed by it as
-    ``(tokens, segment_ids)`` pairs (``int32`` tokens, ``int64`` segment ids); the output equals :func:`pack_documents` on the same
-    documents, chunk by chunk.
+    ``(tokens, segment_ids)`` pairs (``int32`` tokens, ``int64`` segment ids); the output
+    equals :func:`pack_documents` on the same documents, chunk by chunk.
     """
 
     def __init__(self, eos_id: int, seq_len: int) -> None:

@@ -348,10 +348,15 @@ def test_set_tokenizer_checks_chat_sources(tmp_path, tok):
 
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
     dm = TokenMixDataModule([{"name": "chat", "kind": "jsonl", "path": str(path), "messages_field": "messages"}],
-                            seq_len=8)
+                            seq_len=11, batch_size=1, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="'chat': messages_field is set but the tokenizer has no chat_template"):
         dm.set_tokenizer(SimpleNamespace(eos_token_id=0, chat_template=None))
     with pytest.raises(ValueError, match="no eos_token_id"):
         dm.set_tokenizer(SimpleNamespace(eos_token_id=None, chat_template="x"))
     dm.set_tokenizer(tok)
     assert dm.tokenizer is tok
+    dm.setup("fit")
+    rows = [r for b in collect(dm.train_dataloader()) for r in b["input_ids"]]
+    # one rendered conversation + eos is exactly 11 tokens: every chunk is one document
+    expected = [257] + byte_ids("user\nhi") + [258] + byte_ids("\n") + [EOS]
+    assert len(rows) == 3 and all(r == expected for r in rows)  # 4 docs, the last one held out
