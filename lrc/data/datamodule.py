@@ -304,7 +304,26 @@ class PackedChunks(Dataset):
         return item
 
 
-class MixtureSampler(DistributedSampler):
+class ResumablePosition:
+    """Epoch and resume position shared by the in-memory sampler and the streaming mixture:
+    iteration of epoch ``resume_epoch`` starts at batch ``resume_batch``."""
+
+    def _init_position(self) -> None:
+        self.epoch = 0
+        self.resume_epoch: int | None = None
+        self.resume_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_resume(self, epoch: int, batch: int) -> None:
+        self.resume_epoch, self.resume_batch = int(epoch), int(batch)
+
+    def start_batch(self) -> int:
+        return self.resume_batch if self.resume_epoch == self.epoch else 0
+
+
+class MixtureSampler(ResumablePosition, DistributedSampler):
     """Deterministic, epoch-aware, resumable order over a :class:`PackedChunks` mixture.
 
     It shards by rank itself; it subclasses ``DistributedSampler`` only so that Lightning
@@ -343,23 +362,13 @@ class MixtureSampler(DistributedSampler):
         self.world_size = world_size
         self.num_replicas = world_size  # DistributedSampler attribute names
         self.labels = interleave(self.counts, seed)
-        self.epoch = 0
-        self.resume_epoch: int | None = None
-        self.resume_batch = 0
+        self._init_position()
         self._cache: tuple[int, np.ndarray] | None = None
 
     def set_rank(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size, self.num_replicas = int(rank), int(world_size), int(world_size)
 
     # -- epoch order
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_resume(self, epoch: int, batch: int) -> None:
-        self.resume_epoch, self.resume_batch = int(epoch), int(batch)
-
-    def start_batch(self) -> int:
-        return self.resume_batch if self.resume_epoch == self.epoch else 0
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global chunk indices of one epoch, all ranks, in order."""
@@ -404,7 +413,7 @@ class MixtureSampler(DistributedSampler):
         return (bpe - 1) * B + min(B, n - last_global * B)
 
 
-class StreamingMixture(IterableDataset):
+class StreamingMixture(ResumablePosition, IterableDataset):
     """Pack-on-the-fly mixture of document streams, yielding whole batches.
 
     Sources are read with :func:`~lrc.data.sources.iter_documents` (skipping the first
@@ -457,18 +466,8 @@ class StreamingMixture(IterableDataset):
         self.cache_dir = cache_dir
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-        self.resume_epoch: int | None = None
-        self.resume_batch = 0
+        self._init_position()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_resume(self, epoch: int, batch: int) -> None:
-        self.resume_epoch, self.resume_batch = int(epoch), int(batch)
-
-    def start_batch(self) -> int:
-        return self.resume_batch if self.resume_epoch == self.epoch else 0
 
     def _source_chunks(self, i: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         src = self.sources[i]
