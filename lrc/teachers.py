@@ -408,6 +408,16 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def check_tokenizer_matches(model, tokenizer, source: str = "teacher") -> None:
+    """Raise ``ValueError`` if the tokenizer can emit ids the model has no embedding for."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise ValueError(
+            f"tokenizer of {source!r} has {len(tokenizer)} tokens but the model embeds only {n_embed}: "
+            "mismatched tokenizer and model"
+        )
+
+
 def load_teacher(
     source: str,
     *,
@@ -468,6 +478,7 @@ def load_teacher(
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
 
+    check_tokenizer_matches(model, tokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(dtype=torch_dtype)

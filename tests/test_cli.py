@@ -248,7 +248,7 @@ def uninterrupted(corpus, tmp_path_factory):
     return _trainable(run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_interrupt_and_resume_equals_uninterrupted(corpus, tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
     p = lrc_distill(_slow_args(corpus, run_dir))

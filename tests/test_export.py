@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_clone, random_ids, randomize_trainable
+from clone_utils import make_clone, random_ids, randomize_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrc.model import CloneConfig, LowRankClone

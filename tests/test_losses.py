@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_clone, random_ids, randomize_trainable
+from clone_utils import make_clone, random_ids, randomize_trainable
 
 from lrc.losses import (
     CLONE_TERMS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, make_clone, random_ids, randomize_trainable
+from clone_utils import ARCHS, make_clone, random_ids, randomize_trainable
 
 from lrc.losses import LossConfig, LRCLoss, TermRequest
 from lrc.model import CloneConfig, LowRankClone

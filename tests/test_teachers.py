@@ -353,3 +353,11 @@ def test_smollm2_greedy_answer(smollm2_cache):
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"\nSmolLM2 greedy answer: {answer!r}")
     assert "Paris" in answer
+
+
+def test_load_teacher_rejects_mismatched_tokenizer(tmp_path):
+    model = tiny_teacher("llama", vocab_size=258)
+    model.save_pretrained(tmp_path / "t")
+    tiny_tokenizer().save_pretrained(tmp_path / "t")  # 259 tokens > 258 embeddings
+    with pytest.raises(ValueError, match="259 tokens but the model embeds only 258"):
+        load_teacher(str(tmp_path / "t"))
