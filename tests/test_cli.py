@@ -88,6 +88,7 @@ def test_default_job_on_tiny_teacher(corpus, tmp_path):
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any("teacher" in k for k in ckpt["state_dict"])
+    assert ckpt["lrc"]["config"]["student"]["rank"] == 16 and ckpt["lrc"]["config"]["data"]["seq_len"] == 32
     # lrc-export from the checkpoint alone gives the same model
     again = export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "again")
     other = AutoModelForCausalLM.from_pretrained(again)
@@ -171,6 +172,15 @@ def test_bad_data_files(corpus, tmp_path):
 def test_unknown_options_and_keys_fail_composition(corpus, tmp_path, override):
     with pytest.raises(ConfigCompositionException):
         compose_cfg(tiny_overrides(corpus, tmp_path / "run", override))
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    first = run(compose_cfg(tiny_overrides(corpus, out, "ckpt_path=auto")))
+    assert first["steps"] == 4 and "val_before" in first and first["val_before"]
+    longer = run(compose_cfg(tiny_overrides(corpus, out, "ckpt_path=auto", "trainer.max_steps=6")))
+    assert longer["steps"] == 6 and longer["tokens_seen"] == 6 * 2 * 32
+    assert not longer["val_before"]  # resumed: no "before training" pass
 
 
 def test_output_directory_holding_another_run(corpus, tmp_path):

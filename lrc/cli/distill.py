@@ -26,8 +26,9 @@ RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")
 
 
 # ----------------------------------------------------------------------------- validation
-def check_static(cfg: DictConfig) -> Path:
-    """Checks that need no model or data; returns the output directory."""
+def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
+    """Checks that need no model or data; returns the output directory and the checkpoint to
+    resume from (``None`` for a fresh run)."""
     t = cfg.trainer
     if not t.get("fast_dev_run"):
         steps = t.get("max_steps")
@@ -36,23 +37,22 @@ def check_static(cfg: DictConfig) -> Path:
     if not float(cfg.optim.lr) >= 0:
         raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr!r}")
     out = Path(cfg.paths.output_dir)
-    resuming = cfg.ckpt_path is not None
-    if not resuming and out.exists() and any((out / m).exists() for m in RUN_MARKERS):
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = cfg.ckpt_path
+    if ckpt == "auto":
+        ckpt = str(last) if last.is_file() else None
+    elif ckpt == "last":
+        if not last.is_file():
+            raise ConfigError(f"ckpt_path=last but {last} does not exist")
+        ckpt = str(last)
+    elif ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt_path {ckpt!r} does not exist")
+    if ckpt is None and out.exists() and any((out / m).exists() for m in RUN_MARKERS):
         raise ConfigError(
             f"output directory {out} already holds a run; resume it with ckpt_path=last "
             f"or choose another directory (hydra.run.dir=...)"
         )
-    if resuming and cfg.ckpt_path != "last" and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
-    if cfg.ckpt_path == "last" and not (out / "checkpoints" / "last.ckpt").is_file():
-        raise ConfigError(f"ckpt_path=last but {out / 'checkpoints' / 'last.ckpt'} does not exist")
-    return out
-
-
-def resolve_ckpt(cfg: DictConfig, out: Path) -> str | None:
-    if cfg.ckpt_path == "last":
-        return str(out / "checkpoints" / "last.ckpt")
-    return cfg.ckpt_path
+    return out, ckpt
 
 
 # ---------------------------------------------------------------------------------- build
@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lrc.training.callbacks import GracefulShutdown
     from lrc.training.module import DistillModule, NonFiniteLossError
 
-    out = check_static(cfg)
+    out, ckpt = check_static(cfg)
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
     container = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -111,9 +111,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         document_mask=bool(cfg.document_mask),
         teacher_model=teacher,
         tokenizer=tokenizer,
+        run_config=container,
     )
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.ckpt_path is None:
+    if ckpt is None:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(container))
 
     callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -121,12 +122,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
 
     before: dict[str, float] = {}
-    if cfg.validate_before and cfg.ckpt_path is None:
+    if cfg.validate_before and ckpt is None:
         before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     start = time.perf_counter()
     tokens_at_start = module.tokens_seen
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, out))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteLossError as err:
         raise ConfigError(f"training stopped: {err}") from None
     wall = time.perf_counter() - start

@@ -351,8 +351,15 @@ def harvest(files: list[tuple[str, str, str, int]], settings: CorpusSettings, wo
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         n_shards = workers * 8
         shards = [files[i::n_shards] for i in range(n_shards)]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
-            shard_results = list(pool.map(_harvest_many, [(s, settings) for s in shards]))
+        from lrc.progress import progress
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool, progress(
+            "embedded corpus: harvesting docstrings", total=len(files), unit="files"
+        ) as advance:
+            shard_results = []
+            for shard, result in zip(shards, pool.map(_harvest_many, [(s, settings) for s in shards])):
+                shard_results.append(result)
+                advance(len(shard))
         per_file: list[list[Document]] = [[] for _ in files]
         for i, result in enumerate(shard_results):
             per_file[i::n_shards] = result

@@ -164,8 +164,12 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _tokenized_docs(texts: Iterator[str], tokenizer, stop_after_tokens: float = float("inf")) -> list[np.ndarray]:
+def _tokenized_docs(
+    texts: Iterator[str], tokenizer, stop_after_tokens: float = float("inf"), label: str = "source"
+) -> list[np.ndarray]:
     """Tokenize a text stream in batches; stop once ``stop_after_tokens`` (+eos) were collected."""
+    from lrc.progress import progress
+
     docs: list[np.ndarray] = []
     total = 0
     batch: list[str] = []
@@ -173,20 +177,23 @@ def _tokenized_docs(texts: Iterator[str], tokenizer, stop_after_tokens: float = 
 
     def flush() -> bool:
         nonlocal total
+        before = total
         for ids in tokenize_documents(batch, tokenizer, _TOKENIZE_BATCH):
             docs.append(np.asarray(ids, dtype=dtype))
             total += len(ids) + 1
             if total >= stop_after_tokens:
-                return True
+                break
         batch.clear()
-        return False
+        advance(total - before)
+        return total >= stop_after_tokens
 
-    for text in texts:
-        batch.append(text)
-        if len(batch) >= _TOKENIZE_BATCH and flush():
-            return docs
-    if batch:
-        flush()
+    with progress(f"tokenizing {label}", unit="tokens") as advance:
+        for text in texts:
+            batch.append(text)
+            if len(batch) >= _TOKENIZE_BATCH and flush():
+                return docs
+        if batch:
+            flush()
     return docs
 
 
@@ -233,10 +240,15 @@ def build_packed_source(
     if dedicated is None and budget != float("inf"):
         # read enough that the carved validation share leaves the full budget for training
         budget = budget + (val_tokens if val_tokens is not None else budget * val_fraction / max(1e-9, 1 - val_fraction))
-    docs = _tokenized_docs(iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget)
+    docs = _tokenized_docs(
+        iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget, label=src.name
+    )
     if dedicated is not None:
         val_cap = float(val_tokens) if val_tokens is not None else float("inf")
-        val_docs = _tokenized_docs(iter_documents(src, tokenizer, dedicated, cache_dir=cache_root), tokenizer, val_cap)
+        val_docs = _tokenized_docs(
+            iter_documents(src, tokenizer, dedicated, cache_dir=cache_root), tokenizer, val_cap,
+            label=f"{src.name} ({dedicated})",
+        )
         train_docs = docs
     else:
         lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)

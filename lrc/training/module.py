@@ -47,6 +47,7 @@ class DistillModule(L.LightningModule):
         document_mask: use the batch's ``segment_ids`` to stop attention across documents.
         teacher_model, tokenizer: an already loaded teacher (not saved in hyper-parameters);
             when absent, ``configure_model`` loads it from ``teacher``.
+        run_config: the full resolved run config (lrc-distill's), saved in every checkpoint.
     """
 
     def __init__(
@@ -59,9 +60,11 @@ class DistillModule(L.LightningModule):
         document_mask: bool = False,
         teacher_model: torch.nn.Module | None = None,
         tokenizer: Any = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher_model", "tokenizer"])
+        self.save_hyperparameters(ignore=["teacher_model", "tokenizer", "run_config"])
+        self.run_config = _plain(run_config)  # the whole resolved config, stored in checkpoints
         self.teacher_cfg = _plain(teacher)
         self.student_cfg = _plain(student)
         self.loss_fn = LRCLoss(LossConfig(**_plain(loss)))
@@ -108,6 +111,7 @@ class DistillModule(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "tokens_per_source": dict(self.tokens_per_source),
             "trainable_keys": sorted(keep),
+            "config": self.run_config,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
