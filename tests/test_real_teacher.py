@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +39,17 @@ def test_rank_288_clone_forward_backward(real_teacher, tmp_path):
     assert (student.config.hidden_size, student.config.head_dim, student.config.num_hidden_layers) == (288, 64, 30)
     with torch.no_grad():
         assert (student(ids).logits - clone(ids).student_logits).abs().max() < 1e-3
+
+
+def test_readme_python_example_runs(real_teacher, smollm2_cache, tmp_path, monkeypatch):
+    """The README's API example, executed as written (in a temporary working directory)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\n") + len("```python\n")
+    code = readme[start : readme.index("```", start)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LRC_CACHE", str(smollm2_cache))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["student"].config.hidden_size == 288
+    assert (tmp_path / "my-student" / "config.json").is_file()
+    assert scope["terms"]["loss"].item() > 0
