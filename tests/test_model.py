@@ -296,3 +296,26 @@ def test_clone_layers_must_be_kept_layers():
         clone(random_ids(clone.arch.vocab_size), terms=loss_fn.request)
     with pytest.raises(ValueError, match=r"\[1\] are not layers the student keeps"):
         loss_fn.check_layers(clone.student_layers)
+
+
+def test_bf16_teacher_keeps_fp32_master_projections(tmp_path):
+    """A bf16 teacher computes in bf16 while projections and gains stay fp32 (no autocast needed)."""
+    teacher = tiny_teacher("qwen2").to(torch.bfloat16)
+    clone = LowRankClone.from_teacher(teacher, CloneConfig(rank=16))
+    assert all(p.dtype == torch.float32 for _, p in clone.named_trainable())
+    assert clone.layers[0].teacher["wq"].dtype == torch.bfloat16
+    ids = random_ids(clone.arch.vocab_size)
+    out = clone(ids)
+    assert out.student_logits.dtype == torch.bfloat16
+    loss = LRCLoss(LossConfig())(out, ids)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in clone.named_trainable())
+    student = clone.to_hf()
+    assert next(student.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert (student(ids).logits.float() - clone(ids).student_logits.float()).abs().max() < 0.1
+    same_dtype = LowRankClone.from_teacher(teacher, CloneConfig(rank=16, param_dtype="teacher"))
+    assert all(p.dtype == torch.bfloat16 for _, p in same_dtype.named_trainable())
+    with pytest.raises(ValueError, match="param_dtype must be one of"):
+        LowRankClone.from_teacher(teacher, CloneConfig(rank=16, param_dtype="fp8"))

@@ -76,8 +76,9 @@ class LowRankClone(nn.Module):
         init = get_projection_init(config.init)
         gen = torch.Generator().manual_seed(config.seed)
         shape = AttentionShape(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.attn_scaling)
+        param_dtype = config.torch_param_dtype()
         self.io = CloneEmbeddings(
-            io_weights, config.rank, arch.rms_norm_eps, self.student_eps, tie, init, config.init_std, gen
+            io_weights, config.rank, arch.rms_norm_eps, self.student_eps, tie, init, config.init_std, gen, param_dtype
         )
         kept = set(self.student_layers)
         self.layers = nn.ModuleList(
@@ -93,6 +94,7 @@ class LowRankClone(nn.Module):
                 init=init,
                 init_std=config.init_std,
                 generator=gen,
+                param_dtype=param_dtype,
             )
             for i, w in enumerate(layer_weights)
         )

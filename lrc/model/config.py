@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
+import torch
+
 from lrc.model.init import ProjectionInit, get_projection_init
 
 SHARING_MODES = ("all", "io")
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "teacher": None}
 
 
 @dataclass
@@ -24,6 +27,8 @@ class CloneConfig:
     init_std:           standard deviation for the "normal" initialiser (reference: 0.02).
     seed:               seed of the projection initialisation.
     rms_norm_eps:       student RMSNorm epsilon (``None`` = the teacher's); written to the export.
+    param_dtype:        dtype of the trainable tensors: "float32" (default: fp32 master weights,
+                        cast to the teacher's dtype for compute) or "teacher" (same as the teacher).
     """
 
     rank: int
@@ -36,6 +41,7 @@ class CloneConfig:
     init_std: float = 0.02
     seed: int = 0
     rms_norm_eps: float | None = None
+    param_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, saved with exports
 
     def kept_layers(self, num_teacher_layers: int) -> list[int]:
@@ -76,8 +82,14 @@ class CloneConfig:
             raise ValueError(f"CloneConfig.init_std must be > 0, got {self.init_std!r}")
         if self.rms_norm_eps is not None and not self.rms_norm_eps > 0:
             raise ValueError(f"CloneConfig.rms_norm_eps must be > 0 or None, got {self.rms_norm_eps!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"CloneConfig.param_dtype must be one of {sorted(PARAM_DTYPES)}, got {self.param_dtype!r}")
         get_projection_init(self.init)
         self.kept_layers(num_teacher_layers)
+
+    def torch_param_dtype(self) -> torch.dtype | None:
+        """The trainable tensors' dtype (``None`` = the teacher's)."""
+        return PARAM_DTYPES[self.param_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -52,6 +52,7 @@ class CloneDecoderLayer(nn.Module):
         init: ProjectionInit | None = None,
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -67,16 +68,17 @@ class CloneDecoderLayer(nn.Module):
             return
         d_t = teacher["wq"].shape[1]
         ref = teacher["wq"]
+        dtype = param_dtype or ref.dtype
         groups = {**_ATTN_PROJ[attn_sharing], **_FFN_PROJ[ffn_sharing]}
         for name, keys in groups.items():
-            self.proj[name] = self._new_projection(name, "input", keys, d_t, rank, ref, init, init_std, generator)
+            self.proj[name] = self._new_projection(name, "input", keys, (d_t, rank), dtype, init, init_std, generator)
         for name, keys in _OUTPUT_PROJ.items():
-            self.proj[name] = self._new_projection(name, "output", keys, d_t, rank, ref, init, init_std, generator)
+            self.proj[name] = self._new_projection(name, "output", keys, (d_t, rank), dtype, init, init_std, generator)
         for name in ("attn", "mlp"):
-            self.norms[name] = nn.Parameter(torch.ones(rank, dtype=ref.dtype, device=ref.device))
+            self.norms[name] = nn.Parameter(torch.ones(rank, dtype=dtype, device=ref.device))
 
-    def _new_projection(self, name, side, keys, d_t, rank, ref, init, init_std, generator) -> nn.Parameter:
-        p = nn.Parameter(torch.empty(d_t, rank, dtype=ref.dtype, device=ref.device))
+    def _new_projection(self, name, side, keys, shape, dtype, init, init_std, generator) -> nn.Parameter:
+        p = nn.Parameter(torch.empty(shape, dtype=dtype, device=self.teacher["wq"].device))
         if init is not None:
             ctx = InitContext(
                 name=f"layers.{self.index}.{name}",
@@ -103,17 +105,21 @@ class CloneDecoderLayer(nn.Module):
     def teacher_weights(self) -> dict[str, torch.Tensor]:
         return dict(self.teacher.items())
 
+    def compute(self, p: torch.Tensor) -> torch.Tensor:
+        """A trainable tensor in the teacher's dtype (fp32 master weights, bf16 compute)."""
+        return p.to(self.teacher["wq"].dtype)
+
     def student_weights(self) -> dict[str, torch.Tensor]:
         """Merged student tensors, computed once per call (once per forward)."""
-        t = self.teacher
-        w: dict[str, torch.Tensor] = {"attn_norm": self.norms["attn"], "mlp_norm": self.norms["mlp"]}
+        t, c = self.teacher, self.compute
+        w: dict[str, torch.Tensor] = {"attn_norm": c(self.norms["attn"]), "mlp_norm": c(self.norms["mlp"])}
         for key in ("wq", "wk", "wv", "wgate", "wup"):
-            w[key] = t[key] @ self.projection_for(key)
+            w[key] = t[key] @ c(self.projection_for(key))
         for key in ("bq", "bk", "bv", "bgate", "bup", "q_norm", "k_norm"):
             if key in t:
                 w[key] = t[key]
         for name, (wkey, bkey) in _OUTPUT_PROJ.items():
-            p = self.proj[name]
+            p = c(self.proj[name])
             w[wkey] = p.t() @ t[wkey]
             if bkey in t:
                 w[bkey] = t[bkey] @ p
@@ -142,8 +148,8 @@ class CloneDecoderLayer(nn.Module):
                 request,
                 teacher_o_weight=self.teacher["wo"],
                 teacher_o_bias=self.teacher["bo"] if "bo" in self.teacher else None,
-                proj_o=self.proj["o"],
-                proj_down=self.proj["down"],
+                proj_o=self.compute(self.proj["o"]),
+                proj_down=self.compute(self.proj["down"]),
                 token_mask=token_mask,
             )
         return x_s, x_t, terms
@@ -166,18 +172,20 @@ class CloneEmbeddings(nn.Module):
         init: ProjectionInit,
         init_std: float,
         generator: torch.Generator | None,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         embed = teacher["embed"]
+        dtype = param_dtype or embed.dtype
         self.teacher_eps, self.student_eps = teacher_eps, student_eps
         self.teacher_embed = _frozen(embed)
         self.teacher_head = _frozen(teacher["head"])  # None when the teacher ties its head
         self.teacher_final_norm = _frozen(teacher["final_norm"])
-        self.student_final_norm = nn.Parameter(torch.ones(rank, dtype=embed.dtype, device=embed.device))
+        self.student_final_norm = nn.Parameter(torch.ones(rank, dtype=dtype, device=embed.device))
         d_t = embed.shape[1]
 
         def new(name: str, weights: dict[str, torch.Tensor]) -> nn.Parameter:
-            p = nn.Parameter(torch.empty(d_t, rank, dtype=embed.dtype, device=embed.device))
+            p = nn.Parameter(torch.empty(d_t, rank, dtype=dtype, device=embed.device))
             init(p, InitContext(name=name, side="embedding", teacher_weights=weights, generator=generator, std=init_std))
             return p
 
@@ -203,23 +211,29 @@ class CloneEmbeddings(nn.Module):
         if self.proj_head is not None:
             yield "head", self.proj_head
 
+    def compute(self, p: torch.Tensor) -> torch.Tensor:
+        """A trainable tensor in the teacher's dtype (fp32 master weights, bf16 compute)."""
+        return p.to(self.teacher_embed.dtype)
+
     def merged(self) -> dict[str, torch.Tensor]:
         """Student embedding (V x d), head (V x d) and final norm gain (d,)."""
-        embed = self.teacher_embed @ self.proj_embed
-        head = embed if self.student_tied else self.head_weight @ self.head_projection
-        return {"embed": embed, "head": head, "final_norm": self.student_final_norm}
+        c = self.compute
+        embed = self.teacher_embed @ c(self.proj_embed)
+        head = embed if self.student_tied else self.head_weight @ c(self.head_projection)
+        return {"embed": embed, "head": head, "final_norm": c(self.student_final_norm)}
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             x_t = F.embedding(input_ids, self.teacher_embed)
-        x_s = F.embedding(input_ids, self.teacher_embed) @ self.proj_embed
+        x_s = F.embedding(input_ids, self.teacher_embed) @ self.compute(self.proj_embed)
         return x_s, x_t
 
     def logits(self, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.compute
         with torch.no_grad():
             logits_t = F.linear(rms_norm(x_t, self.teacher_final_norm, self.teacher_eps), self.head_weight)
-        head_s = self.head_weight @ self.head_projection
-        logits_s = F.linear(rms_norm(x_s, self.student_final_norm, self.student_eps), head_s)
+        head_s = self.head_weight @ c(self.head_projection)
+        logits_s = F.linear(rms_norm(x_s, c(self.student_final_norm), self.student_eps), head_s)
         return logits_s, logits_t
 
     def forward(self, *args, **kwargs):  # pragma: no cover - use embed() / logits()
