@@ -294,3 +294,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert 1 <= ckpt["global_step"] < 20
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize("every,expected_steps", [(0, []), (2, [0, 2])])
+def test_per_layer_logging_frequency(corpus, tmp_path, every, expected_steps):
+    import csv
+
+    out = tmp_path / "run"
+    run(compose_cfg(tiny_overrides(corpus, out, f"log.per_layer_every_n_steps={every}", "validate_before=false")))
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    logged = sorted(int(r["step"]) for r in rows if r.get("train_layers/clone/gate/1"))
+    assert logged == expected_steps
+    assert sum(1 for r in rows if r.get("train/clone/gate")) == 4  # summed terms: every step

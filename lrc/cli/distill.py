@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student=container["student"],
         loss=container["loss"],
         optim=container["optim"],
+        log=container["log"],
         document_mask=bool(cfg.document_mask),
         teacher_model=teacher,
         tokenizer=tokenizer,

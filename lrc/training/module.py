@@ -154,10 +154,11 @@ class DistillModule(L.LightningModule):
             self.log("train/tokens_per_s", tps, on_step=True)
             self.log("tok/s", tps, prog_bar=True, logger=False)
         every = int(self.log_cfg.get("per_layer_every_n_steps") or 0)
-        if every and self.global_step % every == 0:
-            self.log_dict(
-                {f"train_layers/{k}": v.detach() for k, v in terms.items() if k.count("/") == 2}, on_step=True
-            )
+        if every and self.global_step % every == 0 and self.loggers:
+            # straight to the loggers: self.log would repeat the last value on every later step
+            per_layer = {f"train_layers/{k}": v.item() for k, v in terms.items() if k.count("/") == 2}
+            for logger in self.loggers:
+                logger.log_metrics(per_layer, step=self.global_step)
         return loss
 
     def _count_sources(self, batch: Mapping[str, torch.Tensor]) -> None:
