@@ -181,6 +181,10 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(corpus, tmp_path):
     longer = run(compose_cfg(tiny_overrides(corpus, out, "ckpt_path=auto", "trainer.max_steps=6")))
     assert longer["steps"] == 6 and longer["tokens_seen"] == 6 * 2 * 32
     assert not longer["val_before"]  # resumed: no "before training" pass
+    import csv
+
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3, 4, 5]  # history kept
 
 
 def test_output_directory_holding_another_run(corpus, tmp_path):

@@ -153,8 +153,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in before.items() if k.startswith("val/")},
         "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
     })
-    if not trainer.fast_dev_run:
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     if cfg.export.enabled:
         dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
         path = module.clone.save_student(out / "student", dtype=dtype, overwrite=True)

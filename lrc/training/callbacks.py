@@ -11,9 +11,12 @@ import lightning as L
 
 class GracefulShutdown(L.Callback):
     """On SIGINT or SIGTERM, finish the current step, write ``<dirpath>/last.ckpt`` and stop.
+    Also writes it after the final step, so a finished run always ends with a checkpoint.
 
     The checkpoint holds the optimizer, scheduler, data position and trainable weights, so
-    ``ckpt_path=last`` continues exactly where the run stopped.
+    ``ckpt_path=last`` continues exactly where the run stopped.  It is written from
+    ``on_train_batch_end``, the same point as Lightning's own periodic checkpoints, which is
+    what Lightning's resume logic expects.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
@@ -32,10 +35,12 @@ class GracefulShutdown(L.Callback):
             signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.received is None:
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if self.received is None and not (final and not trainer.fast_dev_run):
             return
         trainer.save_checkpoint(self.path)
-        trainer.should_stop = True
+        if self.received is not None:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sig, handler in self._previous.items():
