@@ -148,6 +148,7 @@ def _bad(corpus, tmp_path, *extra):
         (["loss.clone_layers=[7]"], ValueError, r"\[7\] are not layers the student keeps"),
         (["loss.kl_reduction=batchmean"], ValueError, "kl_reduction must be one of"),
         (["ckpt_path=last"], ConfigError, "last.ckpt does not exist"),
+        (["export.dtype=int8"], ConfigError, "export.dtype must be one of"),
     ],
 )
 def test_bad_input_is_rejected_before_any_write(corpus, tmp_path, extra, exc, match):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from lrc.cli.common import CONF_DIR, ConfigError, print_summary
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")
+EXPORT_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -36,6 +37,8 @@ def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"trainer.max_steps must be a positive number of steps, got {steps!r}")
     if not float(cfg.optim.lr) >= 0:
         raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr!r}")
+    if cfg.export.dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export.dtype must be one of {EXPORT_DTYPES}, got {cfg.export.dtype!r}")
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = cfg.ckpt_path
