@@ -311,3 +311,25 @@ def test_per_layer_logging_frequency(corpus, tmp_path, every, expected_steps):
     logged = sorted(int(r["step"]) for r in rows if r.get("train_layers/clone/gate/1"))
     assert logged == expected_steps
     assert sum(1 for r in rows if r.get("train/clone/gate")) == 4  # summed terms: every step
+
+
+def test_lrc_export_command_line(corpus, tmp_path, capsys):
+    from lrc.cli.export import main as export_main
+
+    out = tmp_path / "run"
+    run(compose_cfg(tiny_overrides(corpus, out, "export.enabled=false", "validate_before=false")))
+    with pytest.raises(SystemExit) as err:
+        export_main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}"])
+    assert err.value.code == 2 and "missing required argument(s): out=..." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'x'}"])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main(["ckpt=a", "out=b", "colour=blue"])
+    assert "colour" in capsys.readouterr().err
+    export_main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'student'}", "dtype=bfloat16"])
+    assert "exported student to" in capsys.readouterr().out
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tmp_path / "student")
+    assert cfg.hidden_size == 16 and cfg.dtype in ("bfloat16", __import__("torch").bfloat16)
