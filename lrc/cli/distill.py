@@ -35,8 +35,12 @@ def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
         steps = t.get("max_steps")
         if steps is None or int(steps) <= 0:
             raise ConfigError(f"trainer.max_steps must be a positive number of steps, got {steps!r}")
-    if not float(cfg.optim.lr) >= 0:
-        raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr!r}")
+    from lrc.training.module import optim_settings
+
+    try:
+        optim_settings(cfg.optim)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.export.dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export.dtype must be one of {EXPORT_DTYPES}, got {cfg.export.dtype!r}")
     out = Path(cfg.paths.output_dir)

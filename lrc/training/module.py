@@ -68,12 +68,7 @@ class DistillModule(L.LightningModule):
         self.teacher_cfg = _plain(teacher)
         self.student_cfg = _plain(student)
         self.loss_fn = LRCLoss(LossConfig(**_plain(loss)))
-        self.optim_cfg = {
-            "name": "adam", "lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-            "schedule": "linear", "warmup_ratio": 0.005, "min_lr_ratio": 0.0, "decay_ratio": 0.2,
-            **_plain(optim),
-        }
-        validate_optim(self.optim_cfg)
+        self.optim_cfg = optim_settings(optim)
         self.log_cfg = {"per_layer_every_n_steps": 50, **_plain(log)}
         self.document_mask = document_mask
         # kept out of nn.Module registration: the clone shares (not copies) these weights
@@ -222,6 +217,19 @@ class DistillModule(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+OPTIM_DEFAULTS = {
+    "name": "adam", "lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+    "schedule": "linear", "warmup_ratio": 0.005, "min_lr_ratio": 0.0, "decay_ratio": 0.2,
+}
+
+
+def optim_settings(optim: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Optimizer settings over the paper defaults, validated."""
+    c = {**OPTIM_DEFAULTS, **_plain(optim)}
+    validate_optim(c)
+    return c
 
 
 def validate_optim(c: Mapping[str, Any]) -> None:
