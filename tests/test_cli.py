@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -79,14 +79,14 @@ def test_default_job_on_tiny_teacher(corpus, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
     metrics = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train/loss", "train/ce", "train/kl", "train/clone", "train/clone/down", "train/lr",
-                "train/grad_norm", "train/tokens_seen", "train/tokens/toy", "val/ce", "val/top1_agreement"):
+                "train/grad_norm_preclip", "train/tokens_seen", "train/tokens/toy", "val/ce", "val/top1_agreement"):
         assert col in metrics, col
     assert any(c.startswith("train_layers/clone/q/") for c in metrics)
     # the export is a plain model whose logits equal the trained clone's student
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(out / "student")
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any("teacher" in k for k in ckpt["state_dict"])
     assert ckpt["lrc"]["config"]["student"]["rank"] == 16 and ckpt["lrc"]["config"]["data"]["seq_len"] == 32
     # lrc-export from the checkpoint alone gives the same model
@@ -197,96 +197,60 @@ def test_output_directory_holding_another_run(corpus, tmp_path):
     assert (out / "config.yaml").read_text() == before
 
 
-# ------------------------------------------------------------------- processes: sweeps, signals
-def lrc_distill(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(BIN / "lrc-distill"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, **kw)
+# ------------------------------------------------------------------- the real CLI, in this process
+def cli_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """``tiny_overrides`` as lrc-distill arguments: the run directory is Hydra's ``hydra.run.dir``."""
+    return [a for a in tiny_overrides(corpus, out) if not a.startswith("paths.output_dir")] + [
+        f"hydra.run.dir={out}", *extra]
 
 
-def test_cli_error_is_one_clear_line(corpus, tmp_path):
-    args = [a for a in tiny_overrides(corpus, tmp_path / "run", "student.rank=999") if not a.startswith("paths.output_dir")]
-    p = lrc_distill([*args, f"hydra.run.dir={tmp_path / 'run'}"])
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 2
-    assert "lrc-distill: error: CloneConfig.rank must be an integer in [1, 64]" in out
-    assert "Traceback" not in out
+def cli(capsys, tool: str, *args: str) -> tuple[int, str]:
+    """Run the ``lrc-distill`` / ``lrc-export`` entry point in this process with ``args`` as its
+    command line (no 10 s interpreter start): ``(exit status, stdout + stderr)``."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lrc.cli.distill import main as distill_main
+    from lrc.cli.export import main as export_main
+
+    argv, code = sys.argv, 0
+    sys.argv = [f"lrc-{tool}", *args]
+    try:
+        distill_main() if tool == "distill" else export_main(list(args))
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # so later in-process runs do not see this command line
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
-def test_multirun_sweep_writes_one_directory_per_job(corpus, tmp_path):
-    args = [a for a in tiny_overrides(corpus, tmp_path / "x") if not a.startswith("paths.output_dir")]
-    args = [a for a in args if not a.startswith("summary.")]
-    p = lrc_distill(["-m", *args, "student.rank=8,16", "loss.alpha=0.2,0.5", "trainer.max_steps=2",
-                     "export.enabled=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
-    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
-    assert len(jobs) == 4
-    seen = set()
-    for job in jobs:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(job / "config.yaml")
-        seen.add((cfg.student.rank, cfg.loss.alpha))
-        assert json.loads((job / "metrics.json").read_text())["steps"] == 2
-    assert seen == {(8, 0.2), (8, 0.5), (16, 0.2), (16, 0.5)}
+def _state(ckpt: Path) -> tuple[dict[str, torch.Tensor], int]:
+    state = torch.load(ckpt, weights_only=True)
+    return state["state_dict"], state["global_step"]
 
 
-def _slow_args(corpus, run_dir):
-    # enough steps that a signal lands mid-run; checkpoints every 3 steps
-    args = [a for a in tiny_overrides(corpus, run_dir) if not a.startswith(("paths.output_dir", "trainer.max_steps",
-                                                                               "callbacks.checkpoint"))]
-    return [*args, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "callbacks.checkpoint.every_n_train_steps=3",
-            "data.seq_len=128", "data.batch_size=4", "validate_before=false", "export.enabled=false",
-            "trainer.val_check_interval=30", "logger=none"]
+def _finite(state_dict: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state_dict.values())
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    start = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() - start < timeout
-        time.sleep(0.02)
-
-
-def _trainable(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    return ckpt["state_dict"], ckpt["global_step"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full") / "run"
-    p = lrc_distill(_slow_args(corpus, run_dir))
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
-    return _trainable(run_dir)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_interrupt_and_resume_equals_uninterrupted(corpus, tmp_path, uninterrupted, sig):
-    run_dir = tmp_path / "run"
-    p = lrc_distill(_slow_args(corpus, run_dir))
-    _wait_for(run_dir / "checkpoints" / "last.ckpt", p)
-    p.send_signal(sig)
-    out, _ = p.communicate(timeout=120)
-    _, step = _trainable(run_dir)
-    assert step < 60, "the run finished before the signal"
-    if sig == signal.SIGKILL:
-        assert p.returncode == -signal.SIGKILL
-    else:  # graceful: a checkpoint of the step in flight, a clean exit and a resume hint
-        assert p.returncode == 0, out[-3000:]
-        assert "interrupted: checkpoint written" in out and "ckpt_path=last" in out
-        assert json.loads((run_dir / "metrics.json").read_text())["interrupted"] is True
-    resumed = lrc_distill([*_slow_args(corpus, run_dir), "ckpt_path=last"])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    state, step = _trainable(run_dir)
-    expected, expected_step = uninterrupted
-    assert step == expected_step == 60
-    assert set(state) == set(expected)
-    for k in state:
-        assert torch.equal(state[k], expected[k]), k
+# ------------------------------------------------------------------------------- NaN updates
+@pytest.mark.parametrize("max_steps,poisoned", [(6, 2), (4, 3)], ids=["mid-run", "last-step"])
+def test_nan_update_is_never_checkpointed_or_exported(corpus, tmp_path, capsys, max_steps, poisoned):
+    """The update of step ``poisoned`` writes NaN weights while its loss is finite (a NaN gradient,
+    spread by clipping). Checkpoints every step: the last one must be the step before, finite."""
+    out = tmp_path / "run"
+    code, log = cli(capsys, "distill", *cli_args(
+        corpus, out, f"trainer.max_steps={max_steps}", "callbacks.checkpoint.every_n_train_steps=1",
+        "validate_before=false", f"+callbacks.poison={{_target_:cli_faults.PoisonGradAt,step:{poisoned}}}"))
+    assert code == 2, log[-3000:]
+    assert f"lrc-distill: error: training stopped: non-finite trainable tensors after the optimizer update of step {poisoned}" in log
+    assert f"last.ckpt (step {poisoned}) is untouched and finite" in log and "Traceback" not in log
+    state, step = _state(out / "checkpoints" / "last.ckpt")
+    assert step == poisoned and _finite(state)
+    assert not (out / "student").exists() and not (out / "metrics.json").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
@@ -296,9 +260,352 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
                                      "trainer.val_check_interval=20"))
     with pytest.raises(ConfigError, match=r"non-finite loss at step (\d+): offending terms"):
         run(cfg)
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert 1 <= ckpt["global_step"] < 20
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    state, step = _state(out / "checkpoints" / "last.ckpt")
+    assert 1 <= step < 20 and _finite(state)
+
+
+def test_nan_before_the_first_checkpoint_then_the_directory_is_reused(corpus, tmp_path, capsys):
+    """A start that fails before its first checkpoint leaves config.yaml and logs; a rerun in the same
+    directory moves them aside and starts afresh, and ckpt_path=last says there is nothing to resume."""
+    out = tmp_path / "run"
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "validate_before=false",
+                                                  "+callbacks.poison={_target_:cli_faults.PoisonGradAt,step:0}"))
+    assert code == 2 and "update of step 0" in log and "no checkpoint was written" in log
+    assert (out / "config.yaml").is_file() and not list(out.glob("checkpoints/*.ckpt"))
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last"))
+    assert code == 2 and "holds no checkpoint to resume; run again without ckpt_path=last" in log
+    first_config = (out / "config.yaml").read_text()
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "validate_before=false", "export.enabled=false"))
+    assert code == 0, log[-3000:]
+    assert "holds no checkpoint, only what a failed start left (config.yaml, csv" in log and "moved to failed-start-" in log
+    (aside,) = out.glob("failed-start-*")
+    assert (aside / "config.yaml").read_text() == first_config and (aside / "csv" / "metrics.csv").is_file()
+    rows = list(__import__("csv").DictReader((out / "csv" / "metrics.csv").open()))
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3]  # no rows of the failed start
+
+
+# ------------------------------------------------------------------ crash-safe checkpoint writes
+def test_failed_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, capsys, monkeypatch):
+    """A full disk in the middle of a checkpoint write: the previous last.ckpt stays byte for byte,
+    no partial file is left, and the file was being written beside the target, not in $TMPDIR."""
+    import errno
+
+    out = tmp_path / "run"
+    assert cli(capsys, "distill", *cli_args(corpus, out, "validate_before=false", "export.enabled=false"))[0] == 0
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    stale = last.with_name(".last.ckpt.tmp-0badf00d")  # what a write killed earlier leaves
+    stale.write_bytes(b"partial")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    written_to = []
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        written_to.append(Path(f.name))
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last", "trainer.max_steps=6"))
+    assert code == 2 and "Traceback" not in log
+    assert f"lrc-distill: error: could not write checkpoint {last}: No space left on device; the previous one is intact" in log
+    assert last.read_bytes() == before
+    assert written_to and written_to[0].parent == last.parent and written_to[0].name.startswith(".last.ckpt.tmp-")
+    assert not written_to[0].exists() and not list(tmpdir.iterdir())
+    monkeypatch.setattr(torch, "save", real_save)
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last", "trainer.max_steps=6"))
+    assert code == 0, log[-3000:]
+    assert _state(last)[1] == 6
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # the stale temp file is gone
+
+
+# ------------------------------------------------------------------------- one run per directory
+def test_second_run_in_a_locked_directory_fails_at_once(corpus, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lrc-distill.lock", "w") as held:  # another run holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        code, log = cli(capsys, "distill", *cli_args(corpus, out))
+    assert code == 2
+    assert (f"lrc-distill: error: output directory {out} is in use by another lrc-distill run (pid 4242 on node7); "
+            f"wait for it to end or choose another directory") in log
+    assert sorted(p.name for p in out.iterdir()) == [".lrc-distill.lock"]
+
+
+# ------------------------------------------------------------------------------ bad input, CLI
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    """A finished 4-step tiny run (config, checkpoints, no export), shared by the bad-input cases."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    summary = run(compose_cfg(tiny_overrides(corpus, out, "validate_before=false", "export.enabled=false")))
+    assert summary["steps"] == 4
+    return out
+
+
+def _broken(kind: str, good: Path, path: Path) -> Path:
+    data = good.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(100_000)}[kind])
+    return path
+
+
+BROKEN = {
+    "empty": "is empty (0 bytes): the write that made it never finished",
+    "truncated": "is not a readable PyTorch checkpoint: it is truncated, corrupt or another kind of file",
+    "random": "is not a readable PyTorch checkpoint: it is truncated, corrupt or another kind of file",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_resume_or_export_from_a_broken_checkpoint(corpus, tmp_path, capsys, finished_run, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    bad = _broken(kind, finished_run / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt")
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last", "trainer.max_steps=6"))
+    assert code == 2 and f"lrc-distill: error: checkpoint {bad} " in log and BROKEN[kind] in log, log[-2000:]
+    code, log = cli(capsys, "export", f"ckpt={bad}", f"out={tmp_path / 'student'}")
+    assert code == 2 and f"lrc-export: error: checkpoint {bad} " in log and BROKEN[kind] in log, log[-2000:]
+    assert "Traceback" not in log and not (tmp_path / "student").exists()
+
+
+def test_checkpoint_that_would_run_code_is_refused(corpus, tmp_path, capsys, finished_run):
+    """Checkpoints are read with weights_only=True, by lrc-export and by Lightning's resume alike."""
+    from cli_faults import with_payload
+
+    marker = tmp_path / "code-ran"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    (out / "checkpoints").mkdir()
+    evil = with_payload(finished_run / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", marker)
+    expected = "holds objects other than tensors and plain values (io.open), so lrc-distill did not write it"
+    code, log = cli(capsys, "export", f"ckpt={evil}", f"out={tmp_path / 'student'}")
+    assert code == 2 and expected in log
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last", "trainer.max_steps=6"))
+    assert code == 2 and expected in log
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["student.rank=8"], "it was written with other settings (student.rank=16 there, 8 here)"),
+        (["student.attn_sharing=io"], "(student.attn_sharing='all' there, 'io' here)"),
+    ],
+)
+def test_resume_with_another_student_is_refused(corpus, tmp_path, capsys, finished_run, extra, message):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = (out / "checkpoints" / "last.ckpt").read_bytes()
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, "ckpt_path=last", "trainer.max_steps=6", *extra))
+    assert code == 2 and f"lrc-distill: error: cannot resume from {out / 'checkpoints' / 'last.ckpt'}: " in log
+    assert message in log and "drop those overrides, or start a new run in another directory" in log
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["+student.rnak=8"], "unknown key student.rnak (did you mean student.rank?)"),
+        (["+foo=1"], "unknown key foo"),
+        (["+optim.lrr=0.1"], "unknown key optim.lrr (did you mean optim.lr?)"),
+        (["+trainer.max_stpes=3"], "unknown key trainer.max_stpes (did you mean trainer.max_steps?)"),
+        (["trainer.max_steps=abc"], "trainer.max_steps must be an integer, got 'abc'"),
+        (["loss.alpha=abc"], "loss.alpha must be a number, got 'abc'"),
+        (["log.per_layer_every_n_steps=abc"], "log.per_layer_every_n_steps must be a number, got 'abc'"),
+        (["optim.lr=inf"], "optim.lr must be >= 0 and finite, got inf"),
+        (["+callbacks.extra=1"], "callbacks.extra must be a config with a _target_"),
+    ],
+)
+def test_bad_keys_and_values_are_rejected_before_any_write(corpus, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code, log = cli(capsys, "distill", *cli_args(corpus, out, *extra))
+    assert code == 2 and f"lrc-distill: error: {message}" in log and "Traceback" not in log, log[-2000:]
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_gpu_trainer_without_a_gpu(corpus, tmp_path, capsys):
+    code, log = cli(capsys, "distill", *cli_args(corpus, tmp_path / "run", "trainer=gpu"))
+    assert code == 2
+    assert "lrc-distill: error: trainer.accelerator=gpu but torch sees no CUDA GPU on this machine; use trainer=cpu" in log
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_output_path_that_is_a_file(corpus, tmp_path, capsys, finished_run):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, log = cli(capsys, "distill", *cli_args(corpus, afile))
+    assert code == 2 and f"lrc-distill: error: output path {afile} is a file, not a directory" in log
+    ckpt = finished_run / "checkpoints" / "last.ckpt"
+    code, log = cli(capsys, "export", f"ckpt={ckpt}", f"out={afile}")
+    assert code == 2 and f"lrc-export: error: out={afile} is a file; give a directory for the exported model" in log
+    code, log = cli(capsys, "export", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "dtype=foo")
+    assert code == 2 and "lrc-export: error: dtype must be one of float32, bfloat16, float16 (or omitted), got 'foo'" in log
+    assert afile.read_text() == "mine" and "Traceback" not in log
+
+
+TWO_CLIS = """
+import sys
+from lrc.cli.distill import main as distill
+from lrc.cli.export import main as export
+for name, call, argv in (("lrc-distill", distill, sys.argv[2:]), ("lrc-export", export, sys.argv[1].split())):
+    sys.argv = [name, *argv]
+    try:
+        call() if name == "lrc-distill" else call(argv)
+        code = 0
+    except SystemExit as err:
+        code = err.code
+    print(f"{name} exit {code}", file=sys.stderr, flush=True)
+"""
+
+
+def test_read_only_output_directory_is_one_clear_line(corpus, tmp_path, finished_run):
+    """Both entry points in one interpreter, as an unprivileged user (root ignores permissions)."""
+    import shutil
+
+    root = Path(__import__("tempfile").mkdtemp(prefix="lrc-ro-"))  # tmp_path is private to its owner
+    try:
+        for p in (root / "ro", root / "home"):
+            p.mkdir()
+        ckpt = shutil.copy(finished_run / "checkpoints" / "last.ckpt", root / "last.ckpt")
+        data = shutil.copy(corpus, root / "corpus.jsonl")
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root without setpriv")
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            os.chown(root / "home", 65534, 65534)
+        for p in (root, root / "ro"):
+            p.chmod(0o555)
+        for p in (ckpt, data):
+            Path(p).chmod(0o444)
+        env = {**os.environ, "HOME": str(root / "home"), "LRC_CACHE": str(root / "home")}
+        export_args = f"ckpt={ckpt} out={root / 'ro' / 'student'}"
+        distill_args = cli_args(Path(data), root / "ro", f"paths.cache_dir={root / 'home'}")
+        proc = subprocess.run([*prefix, sys.executable, "-c", TWO_CLIS, export_args, *distill_args],
+                              capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        for p in (root, root / "ro"):
+            p.chmod(0o755)
+        shutil.rmtree(root, ignore_errors=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and "lrc-distill exit 2" in lines and "lrc-export exit 2" in lines, proc.stderr[-3000:]
+    assert f"lrc-distill: error: cannot write to the output directory {root / 'ro'}: Permission denied" in lines
+    assert f"lrc-export: error: cannot write {root / 'ro' / 'student'}: {root / 'ro'} is not writable" in lines
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- sweeps
+def test_sweep_goes_on_after_a_failed_job_and_lists_them(corpus, tmp_path, capsys):
+    """Hydra's basic launcher runs the jobs in order (0, 8) x (0.2, 0.5): the first two fail."""
+    from omegaconf import OmegaConf
+
+    args = [a for a in cli_args(corpus, tmp_path / "x") if not a.startswith(("hydra.run.dir", "summary."))]
+    code, log = cli(capsys, "distill", "-m", *args, "student.rank=0,8", "loss.alpha=0.2,0.5", "trainer.max_steps=2",
+                    "export.enabled=false", "validate_before=false", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 1, log[-3000:]
+    jobs = {int(p.name): p for p in (tmp_path / "sweep").iterdir() if p.is_dir()}
+    assert sorted(jobs) == [0, 1, 2, 3]
+    for num in (0, 1):
+        error = (jobs[num] / "error.txt").read_text()
+        assert error.startswith("overrides: ") and "student.rank=0" in error.splitlines()[0]
+        assert "error: CloneConfig.rank must be an integer in [1, 64]" in error
+        assert not (jobs[num] / "metrics.json").exists()
+    seen = set()
+    for num in (2, 3):
+        cfg = OmegaConf.load(jobs[num] / "config.yaml")
+        seen.add((cfg.student.rank, cfg.loss.alpha))
+        assert json.loads((jobs[num] / "metrics.json").read_text())["steps"] == 2
+    assert seen == {(8, 0.2), (8, 0.5)}
+    assert f"lrc-distill sweep: 2 of 4 job(s) finished, 2 failed ({tmp_path / 'sweep'})" in log
+    lines = [line.split() for line in log.splitlines() if line.startswith("     ")]
+    assert [(l[0], l[1]) for l in lines] == [("0", "failed"), ("1", "failed"), ("2", "finished"), ("3", "finished")]
+
+
+# ------------------------------------------------------------------ processes: signals and kills
+SIGNAL_STEPS = 30
+
+
+def lrc_distill(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([str(BIN / "lrc-distill"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, **kw)
+
+
+def _signal_overrides(corpus, *extra) -> list[str]:
+    # a plain progress line every step (stdout is a pipe); a checkpoint every 3 steps
+    return [f"trainer.max_steps={SIGNAL_STEPS}", "callbacks.checkpoint.every_n_train_steps=3",
+            "callbacks.progress.print_every_n_steps=1", "validate_before=false", "export.enabled=false",
+            "trainer.val_check_interval=10", "logger=none", *extra]
+
+
+def _run_until(proc: subprocess.Popen, step: int, sig: int | None) -> tuple[int, str]:
+    """Read the run's output until its progress line of ``step``, then send ``sig`` (if any) and wait."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if sig is not None and line.startswith(f"step {step}/{SIGNAL_STEPS} "):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_interrupts_and_resumes_equal_the_uninterrupted_run(corpus, tmp_path):
+    """One run is stopped three times and resumed after each: SIGTERM, then SIGINT (both graceful:
+    a checkpoint of the step in flight), then SIGKILL in the middle of writing a checkpoint (the
+    previous one must survive). It ends with exactly the weights of an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = cli_args(corpus, run_dir, *_signal_overrides(corpus))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    stopped_at = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        extra = ["ckpt_path=last"] if stopped_at else []
+        code, out = _run_until(lrc_distill([*args, *extra]), stopped_at + 4, sig)
+        assert code == 0, out[-3000:]
+        assert "interrupted: checkpoint written" in out and "ckpt_path=last" in out
+        assert json.loads((run_dir / "metrics.json").read_text())["interrupted"] is True
+        _, step = _state(last)
+        assert stopped_at + 4 <= step < SIGNAL_STEPS  # the step in flight when the signal came, or one after
+        stopped_at = step
+    kill_at = (stopped_at // 3 + 2) * 3  # the second periodic checkpoint after the resume
+    assert kill_at < SIGNAL_STEPS
+    code, out = _run_until(lrc_distill([*args, "ckpt_path=last",
+                                        f"+callbacks.kill={{_target_:cli_faults.KillDuringSave,step:{kill_at}}}"]),
+                           kill_at, None)
+    assert code == -signal.SIGKILL, out[-3000:]
+    state, step = _state(last)  # loads: the previous checkpoint, complete
+    assert step == kill_at - 3 and _finite(state)
+    (partial,) = last.parent.glob(".last.ckpt.tmp-*")  # the interrupted write went beside it
+    assert 0 < partial.stat().st_size
+    code, out = _run_until(lrc_distill([*args, "ckpt_path=last"]), SIGNAL_STEPS, None)
+    assert code == 0, out[-3000:]
+    assert not partial.exists()
+    # its log (a pipe, not a terminal) has a plain progress line per step, none of Lightning's "Epoch 0/-2"
+    assert re.search(rf"^step {SIGNAL_STEPS}/{SIGNAL_STEPS} \(100%\) \| loss \d+\.\d{{4}} \| [\d,]+ tokens/s \| "
+                     r"elapsed \d+:\d\d:\d\d \| ETA 0:00:00$", out, re.M), out[-2000:]
+    assert "Epoch" not in out
+    state, step = _state(last)
+    # the same run without interruptions, in this process
+    ref = tmp_path / "ref"
+    run(compose_cfg(tiny_overrides(corpus, ref, *_signal_overrides(corpus))))
+    expected, expected_step = _state(ref / "checkpoints" / "last.ckpt")
+    assert step == expected_step == SIGNAL_STEPS
+    assert set(state) == set(expected)
+    for k in state:
+        assert torch.equal(state[k], expected[k]), k
 
 
 @pytest.mark.parametrize("every,expected_steps", [(0, []), (2, [0, 2])])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +91,141 @@ def test_to_hf_is_independent_of_the_clone():
         for _, p in clone.named_projections():
             p.mul_(2)
     assert torch.equal(student(ids).logits, before)
+
+
+# ------------------------------------------------------------------ which ranks can be exported
+def _shape(arch: str, heads: int = 4, hidden: int = 64):
+    """A tiny teacher config: ``heads`` attention heads of 16 dims, 2 KV heads."""
+    from lrc.teachers import tiny_config
+
+    return tiny_config(arch, hidden_size=hidden, num_heads=heads, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_exportable_ranks_are_what_transformers_accepts(arch):
+    """transformers 5.24 refuses a Llama config whose hidden size is not a multiple of the head
+    count (explicit head_dim or not); Qwen2 and Qwen3 configs take any hidden size."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from lrc.model.export import check_exportable_rank
+
+    teacher = _shape(arch, heads=6, hidden=48)
+    for rank in range(1, 49):
+        try:
+            AutoConfig.for_model(arch, hidden_size=rank, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+            accepted = True
+        except (StrictDataclassError, ValueError):
+            accepted = False
+        assert accepted == (arch != "llama" or rank % 6 == 0), rank
+        if accepted:
+            check_exportable_rank(teacher, rank)
+        else:
+            below, above = rank // 6 * 6, rank // 6 * 6 + 6
+            nearest = f"{below}, {above}" if below else f"{above}"
+            with pytest.raises(ValueError, match=rf"rank={rank} cannot be exported.*not a multiple of the number "
+                                                  rf"of attention heads \(6\).*nearest exportable ranks: {nearest}$"):
+                check_exportable_rank(teacher, rank)
+
+
+def test_smollm2_shaped_teacher_names_the_nearest_ranks():
+    """The default teacher has 9 heads: rank 32 of `-m student.rank=32,64` is refused before any work."""
+    from lrc.teachers import tiny_config
+
+    smol = tiny_config("llama", hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, num_layers=2)
+    for rank, nearest in [(32, "27, 36"), (64, "63, 72"), (1, "9"), (575, "567, 576")]:
+        with pytest.raises(ValueError, match=rf"rank={rank} cannot be exported.*nearest exportable ranks: {nearest}$"):
+            CloneConfig(rank=rank).validate_for(smol)
+    for rank in (9, 144, 288, 576):
+        CloneConfig(rank=rank).validate_for(smol)
+
+
+def test_unexportable_rank_is_refused_before_the_clone_is_built():
+    teacher = tiny_teacher("llama")
+    before = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    with pytest.raises(ValueError, match=r"rank=13 cannot be exported.*nearest exportable ranks: 12, 16"):
+        LowRankClone.from_teacher(teacher, CloneConfig(rank=13))
+    assert {n: p.requires_grad for n, p in teacher.named_parameters()} == before  # teacher untouched
+
+
+@pytest.mark.parametrize("arch,rank", [("llama", 18), ("llama", 6), ("qwen2", 20), ("qwen2", 7),
+                                       ("qwen3", 20), ("qwen3", 1)])
+def test_every_accepted_rank_exports_with_parity(tmp_path, arch, rank):
+    """6 heads: multiples of 6 for Llama, any rank (multiple of the head count or not) for Qwen."""
+    teacher = tiny_teacher(arch, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=16)
+    clone = LowRankClone.from_teacher(teacher, CloneConfig(rank=rank), tokenizer=tiny_tokenizer())
+    randomize_trainable(clone)
+    student = AutoModelForCausalLM.from_pretrained(clone.save_student(tmp_path / "s")).eval()
+    assert student.config.hidden_size == rank and student.config.head_dim == 16
+    ids = random_ids(teacher.config.vocab_size, length=30)
+    with torch.no_grad():
+        assert (student(ids).logits - clone(ids).student_logits).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------ bf16 parity, files on disk
+def test_bf16_export_parity_at_long_positions(tmp_path):
+    """A bf16 teacher (Llama-3 rope scaling) trains with fp32 RoPE frequencies, like the exported
+    student that transformers reloads in bf16: same logits up to position 1023."""
+    from lrc.teachers import load_teacher
+
+    tiny = {"max_position_embeddings": 4096, "num_layers": 1}
+    teacher, tok = load_teacher("tiny-llama", dtype="bfloat16", tiny=tiny)
+    clone = LowRankClone.from_teacher(teacher, CloneConfig(rank=16), tokenizer=tok)
+    randomize_trainable(clone)
+    out = clone.save_student(tmp_path / "s", dtype=torch.bfloat16)
+    student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert student.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = random_ids(teacher.config.vocab_size, batch=1, length=1024)
+    with torch.no_grad():
+        got, expected = student(ids).logits.float(), clone(ids).student_logits.float()
+    assert (got - expected).abs().max() <= 2e-3  # with bf16-rounded inv_freq: 8e-3
+
+
+def test_bf16_cast_teacher_still_gets_fp32_rope():
+    """`teacher.to(torch.bfloat16)` casts the rotary buffers too; the clone rebuilds them in fp32."""
+    reference = tiny_teacher("llama").model.rotary_emb
+    clone = LowRankClone.from_teacher(tiny_teacher("llama").to(torch.bfloat16), CloneConfig(rank=16))
+    assert clone.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(clone.rotary.inv_freq, reference.inv_freq)
+    x, pos = torch.zeros(1, dtype=torch.bfloat16), torch.arange(2048)[None]
+    assert all(torch.equal(a, b) for a, b in zip(clone.rotary(x, pos), reference(x, pos)))
+
+
+def test_export_respects_the_umask(tmp_path):
+    clone = make_clone("qwen2", rank=8)
+    clone.tokenizer = tiny_tokenizer()
+    old = os.umask(0o027)
+    try:
+        out = clone.save_student(tmp_path / "s")
+        again = clone.save_student(tmp_path / "s", overwrite=True)
+    finally:
+        os.umask(old)
+    assert again == out
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # 0o777 & ~0o027, as a plain mkdir gives
+    files = sorted(p.name for p in out.iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json", "lrc_clone.json"} <= set(files)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()} == dict.fromkeys(files, oct(0o640))
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name file descriptors")
+def test_export_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """A crash right after the rename must not find half-written files in the export."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = make_clone("llama", rank=8).save_student(tmp_path / "s")
+    rename = events.index(("replace", str(out)))
+    flushed = {Path(p).name for kind, p in events[:rename] if kind == "fsync"}
+    assert {p.name for p in out.iterdir()} <= flushed
+    assert ("fsync", os.path.realpath(tmp_path)) in events[rename:]  # the rename itself is flushed too

@@ -101,6 +101,11 @@ def _acts(d_inner=6, d_t=5, d_s=3):
     return student, teacher, rnd(d_t, d_inner), rnd(d_t), rnd(d_t, d_s), rnd(d_t, d_s)
 
 
+def _ctx(wo, bo, po, pdown):
+    """The layer context of :func:`layer_clone_terms`: teacher o_proj weight/bias, Po and Pdown."""
+    return {"teacher_weights": {"wo": wo, "bo": bo}, "projections": {"o": po, "down": pdown}}
+
+
 def test_layer_terms_in_both_spaces_by_hand():
     s, t, wo, bo, po, pdown = _acts()
 
@@ -109,7 +114,7 @@ def test_layer_terms_in_both_spaces_by_hand():
 
     for space in ("teacher", "student"):
         req = TermRequest(attn_out_space=space)
-        got = layer_clone_terms(s, t, req, teacher_o_weight=wo, teacher_o_bias=bo, proj_o=po, proj_down=pdown)
+        got = layer_clone_terms(s, t, req, **_ctx(wo, bo, po, pdown))
         for name in ("q", "k", "v", "gate", "up"):
             assert got[name].item() == pytest.approx(mse(s[name], t[name]))
         if space == "teacher":  # student heads through the teacher's o_proj, width D
@@ -117,9 +122,7 @@ def test_layer_terms_in_both_spaces_by_hand():
         else:  # student o_attn vs teacher o_attn @ Po, width d
             assert got["o"].item() == pytest.approx(mse(s["o"], t["o"] @ po))
         assert got["down"].item() == pytest.approx(mse(s["down"], t["down"] @ pdown))
-    only = layer_clone_terms(
-        s, t, TermRequest(terms=("gate",)), teacher_o_weight=wo, teacher_o_bias=bo, proj_o=po, proj_down=pdown
-    )
+    only = layer_clone_terms(s, t, TermRequest(terms=("gate",)), **_ctx(wo, bo, po, pdown))
     assert list(only) == ["gate"]
 
 
@@ -137,8 +140,9 @@ def test_projected_target_detach_gradient_closed_form(term, detach):
         terms=(term,), attn_out_space="student", detach_down_target=detach and term == "down",
         detach_o_target=detach and term == "o",
     )
-    projections = {"proj_o": p if term == "o" else po, "proj_down": p if term == "down" else pdown}
-    out = layer_clone_terms(student, teacher, req, teacher_o_weight=wo, teacher_o_bias=bo, **projections)
+    out = layer_clone_terms(
+        student, teacher, req, **_ctx(wo, bo, p if term == "o" else po, p if term == "down" else pdown)
+    )
     out[term].backward()
     r = a @ p.detach() - b @ p.detach()
     expected = 2 / r.numel() * (a.T @ r if detach else (a - b).T @ r)

@@ -283,6 +283,20 @@ def test_convert_cache_reuse_and_invalidation(fake_gguf, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == [".fake.lock", "fake"]  # no temp dirs left
 
 
+def test_conversion_cache_respects_the_umask(fake_gguf, tmp_path):
+    import stat
+
+    src, _ = fake_gguf
+    old = os.umask(0o027)
+    try:
+        out = convert_gguf_teacher(src, tmp_path / "cache" / "fake")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}
+
+
 def test_convert_interrupted_leaves_no_cache(fake_gguf, tmp_path, monkeypatch):
     src, _ = fake_gguf
     out = tmp_path / "cache" / "fake"
@@ -340,6 +354,22 @@ def test_smollm2_second_load_uses_cache(smollm2_cache, monkeypatch):
     assert time.perf_counter() - start < 20
     assert marker.stat().st_mtime_ns == before
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE as transformers keeps it
+
+
+@pytest.mark.slow
+def test_smollm2_config_from_the_gguf_header(smollm2_cache):
+    """The header-only config equals transformers' own GGUF reading and the converted teacher's."""
+    path = embedded_gguf_path()
+    mine = teachers.gguf_config(path).to_dict()
+    theirs = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    mine.pop("_name_or_path"), theirs.pop("_name_or_path")
+    assert mine == theirs
+    converted = teachers.teacher_config(SMOLLM2_NAME, cache_dir=smollm2_cache).to_dict()
+    shape = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_hidden_layers",
+             "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+             "tie_word_embeddings")
+    assert {k: mine[k] for k in shape} == {k: converted[k] for k in shape}
 
 
 @pytest.mark.slow
@@ -361,3 +391,181 @@ def test_load_teacher_rejects_mismatched_tokenizer(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "t")  # 259 tokens > 258 embeddings
     with pytest.raises(ValueError, match="259 tokens but the model embeds only 258"):
         load_teacher(str(tmp_path / "t"))
+
+
+# --------------------------------------------------------------------------- bf16 teachers keep fp32 RoPE
+
+
+def test_bf16_teacher_keeps_fp32_rope(tmp_path):
+    """load_teacher(dtype=bf16) casts the weights only: cos/sin equal a plain bf16 from_pretrained
+    of the same checkpoint (Llama-3 rope scaling, positions up to 2047), where casting the rotary
+    buffers too shifts the angles by radians."""
+    ref = tiny_teacher("llama", max_position_embeddings=4096, seed=2)
+    ref.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded, _ = load_teacher(str(tmp_path), dtype="bfloat16")
+    tiny, _ = load_teacher("tiny-llama", dtype="bfloat16", tiny={"max_position_embeddings": 4096, "seed": 2})
+    x, pos = torch.zeros(1, dtype=torch.bfloat16), torch.arange(2048)[None]
+    expected = plain.model.rotary_emb(x, pos)
+    for model in (loaded, tiny):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+        assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+        cos, sin = model.model.rotary_emb(x, pos)
+        assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
+    # the angle rounding this avoids: bf16 inverse frequencies give visibly different cos at position 2047
+    bf16_inv = ref.model.rotary_emb.inv_freq.to(torch.bfloat16).float()
+    assert (torch.cos(2047 * bf16_inv) - torch.cos(2047 * ref.model.rotary_emb.inv_freq)).abs().max() > 0.1
+
+
+# --------------------------------------------------------------------------- teacher_config: no weights
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CLASSES))
+def test_teacher_config_of_tiny_and_local_teachers(tmp_path, arch):
+    tiny = {"hidden_size": 48, "num_heads": 6, "num_layers": 3, "seed": 4, "unit_norms": True}
+    model, _ = load_teacher(f"tiny-{arch}", tiny=tiny)
+    cfg = teachers.teacher_config(f"tiny-{arch}", tiny=tiny, dtype="bf16")
+    assert type(cfg) is type(model.config) and cfg.to_dict() == model.config.to_dict()
+    model.save_pretrained(tmp_path)
+    local = teachers.teacher_config(str(tmp_path))
+    assert (local.model_type, local.hidden_size, local.num_attention_heads, local.num_hidden_layers) == (arch, 48, 6, 3)
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "exc", "match"),
+    [
+        ("tiny-gpt2", {}, ValueError, "known names"),
+        ("tiny-llama", {"dtype": "float8"}, ValueError, "unknown teacher dtype"),
+        ("./no/such/teacher", {}, FileNotFoundError, "teacher directory not found"),
+        ("/definitely/not/here.gguf", {}, FileNotFoundError, "GGUF"),
+        (SMOLLM2_NAME, {"tiny": {"seed": 1}}, ValueError, "tiny"),
+    ],
+)
+def test_teacher_config_errors_match_load_teacher(source, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        teachers.teacher_config(source, **kwargs)
+
+
+def _write_gguf(path: Path, arch: str, *, tied: bool, vocab_key: bool) -> Path:
+    """A header-complete GGUF (tiny zero tensors) written by the gguf package itself."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny test model")
+    w.add_block_count(3)
+    w.add_context_length(1024)
+    w.add_embedding_length(48)
+    w.add_feed_forward_length(96)
+    w.add_head_count(6)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(5e5)
+    w.add_layer_norm_rms_eps(1e-5)
+    if arch == "llama":
+        w.add_rope_dimension_count(8)
+    if vocab_key:
+        w.add_vocab_size(40)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(40)])
+    w.add_token_merges(["t 1", "t 2"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", np.zeros((40, 48), np.float32))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((40, 48), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,tied,vocab_key", [("llama", True, True), ("qwen2", False, False), ("qwen3", True, True)])
+def test_gguf_config_equals_transformers_reading_the_file(tmp_path, arch, tied, vocab_key):
+    path = _write_gguf(tmp_path / f"{arch}.gguf", arch, tied=tied, vocab_key=vocab_key)
+    header = teachers.read_gguf_header(path)
+    assert header.fields["general.architecture"] == arch and header.fields[f"{arch}.block_count"] == 3
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 40
+    assert header.tensor_names == (("token_embd.weight",) if tied else ("token_embd.weight", "output.weight"))
+    mine = teachers.gguf_config(path).to_dict()
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name).to_dict()
+    mine.pop("_name_or_path"), theirs.pop("_name_or_path")
+    assert mine == theirs
+    assert (mine["hidden_size"], mine["vocab_size"], mine["tie_word_embeddings"]) == (48, 40, tied)
+
+
+def test_read_gguf_header_refuses_other_files(tmp_path, fake_gguf):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all, but long enough")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        teachers.read_gguf_header(tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="unsupported GGUF version 0"):
+        teachers.read_gguf_header(fake_gguf[0])
+    good = _write_gguf(tmp_path / "t.gguf", "llama", tied=True, vocab_key=True).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(good[:200])
+    with pytest.raises(ValueError, match="unreadable GGUF header"):
+        teachers.read_gguf_header(tmp_path / "cut.gguf")
+
+
+def test_teacher_config_of_embedded_gguf_writes_nothing(tmp_path):
+    """Read from the GGUF header in the wheel: no conversion, no cache write."""
+    cache = tmp_path / "cache"
+    start = time.perf_counter()
+    cfg = teachers.teacher_config(SMOLLM2_NAME, cache_dir=cache)
+    assert time.perf_counter() - start < 5  # the conversion takes ~30 s
+    assert not cache.exists()
+    assert type(cfg) is transformers.LlamaConfig
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (30, 576, 9)
+    assert (cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim) == (3, 1536, 49152, 64)
+    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
+    assert cfg.rope_parameters["rope_theta"] == 100000.0
+
+
+def test_teacher_config_prefers_a_valid_conversion_cache(fake_gguf, tmp_path):
+    src, calls = fake_gguf
+    with pytest.raises(ValueError, match="GGUF version"):  # no cache yet: the (fake) header is read
+        teachers.teacher_config(str(src), cache_dir=tmp_path / "c")
+    load_teacher(str(src), cache_dir=tmp_path / "c")
+    cfg = teachers.teacher_config(str(src), cache_dir=tmp_path / "c")
+    assert calls == ["fake.gguf"]  # read from the cache: no second conversion, no header
+    assert cfg.to_dict() == transformers.AutoConfig.from_pretrained(tmp_path / "c" / "teachers" / "fake").to_dict()
+    assert (cfg.hidden_size, cfg.architectures) == (64, ["LlamaForCausalLM"])
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["student.rank=32"], r"rank=32 cannot be exported.*nearest exportable ranks: 27, 36"),
+        (["student.rank=1000"], r"rank must be an integer in \[1, 576\]"),
+        (["student.layers=[30]"], r"out of range \[0, 29\]"),
+        (["data.seq_len=9000"], "exceeds the teacher's maximum of 8192"),
+    ],
+)
+def test_cli_checks_the_student_before_converting_the_teacher(tmp_path, monkeypatch, overrides, match):
+    """With an empty cache, a student that does not fit the default teacher fails in seconds:
+    no GGUF conversion (~30 s, 517 MB), no teacher load, no file written."""
+    from hydra import compose, initialize_config_dir
+
+    from lrc.cli.common import CONF_DIR
+    from lrc.cli.distill import check_teacher_fit, run
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the teacher was converted or loaded before the student was checked")
+
+    monkeypatch.setattr(teachers, "convert_gguf_teacher", must_not_run)
+    monkeypatch.setattr(teachers, "load_teacher", must_not_run)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LRC_CACHE", str(cache))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("distill", overrides=[f"paths.output_dir={tmp_path / 'run'}", *overrides])
+    assert cfg.paths.cache_dir == str(cache) and cfg.teacher.source == SMOLLM2_NAME
+    with pytest.raises(ValueError, match=match):
+        run(cfg)
+    assert list(cache.rglob("*")) == [] and not (tmp_path / "run").exists()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        check_teacher_fit(cfg)
+    assert time.perf_counter() - start < 5  # the GGUF header, not the ~30 s conversion

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 #: The Hydra config tree (``conf/`` at the repository root); ``LRC_CONF_DIR`` overrides it.
 CONF_DIR = Path(os.environ.get("LRC_CONF_DIR") or Path(__file__).resolve().parents[2] / "conf")
@@ -49,3 +51,54 @@ def print_summary(summary: dict[str, Any]) -> None:
     for k, v in rows:
         table.add_row(k, str(v))
     Console(width=120).print(table)
+
+
+#: Environment variables that give a process's rank in a multi-process run (as Lightning reads them).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+LOCK_FILE = ".lrc-distill.lock"
+
+
+def is_rank_zero() -> bool:
+    """True in a single-process run and in rank 0 of a multi-process one."""
+    return all(int(os.environ.get(k) or 0) == 0 for k in RANK_VARIABLES)
+
+
+@contextmanager
+def lock_run_dir(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (``fcntl.flock`` on ``out/.lrc-distill.lock``, which records
+    the holder's pid and host) for the block. A second run aimed at the same directory fails at
+    once with :class:`ConfigError`. Only rank 0 of a multi-process run locks; the lock goes with
+    the process, so a killed run leaves nothing to clean up. The directory is created here, and a
+    path that is a file or cannot be written is reported in one line."""
+    if not is_rank_zero():
+        yield
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} is a file, not a directory; choose another one (hydra.run.dir=...)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_FILE, "a+")
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output directory {out}: {err.strerror or err}") from None
+    with fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not a POSIX system: no locking
+            pass
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise ConfigError(
+                f"output directory {out} is in use by another lrc-distill run ({holder}); wait for it to end "
+                f"or choose another directory (hydra.run.dir=...)"
+            ) from None
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"cannot write to the output directory {out}: permission denied")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield

@@ -14,22 +14,33 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.cli.common import CONF_DIR, ConfigError, print_summary
+from lrc.cli.common import CONF_DIR, ConfigError, is_rank_zero, lock_run_dir, print_summary
 
-RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json")
 EXPORT_DTYPES = (None, "float32", "bfloat16", "float16")
+#: What a start that never reached a checkpoint may have left; set aside when the directory is reused.
+LEFTOVERS = ("config.yaml", "checkpoints", "csv", "tensorboard", "curves.csv", "error.txt")
+#: Settings a resume must keep: they fix the teacher and the shapes of the trainable tensors.
+RESUME_KEYS = (
+    "teacher.source", "teacher.tiny", "student.rank", "student.attn_sharing", "student.ffn_sharing",
+    "student.tie_head_projection", "student.layers", "student.layer_stride", "student.param_dtype",
+)
 
 
 # ----------------------------------------------------------------------------- validation
-def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
-    """Checks that need no model or data; returns the output directory and the checkpoint to
-    resume from (``None`` for a fresh run)."""
+def check_settings(cfg: DictConfig) -> None:
+    """Checks of the settings alone, before any file is read or written: every key is one lrc
+    reads and every number a number (:mod:`lrc.cli.checks`), the run has steps, the optimizer and
+    export settings are valid, and the accelerator exists on this machine."""
+    from lrc.cli.checks import check_config
+
+    check_config(cfg, CONF_DIR)
     t = cfg.trainer
     if not t.get("fast_dev_run"):
         steps = t.get("max_steps")
@@ -43,6 +54,50 @@ def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
         raise ConfigError(str(err)) from None
     if cfg.export.dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export.dtype must be one of {EXPORT_DTYPES}, got {cfg.export.dtype!r}")
+    check_accelerator(t)
+
+
+def check_accelerator(t: DictConfig) -> None:
+    """``trainer=gpu`` on a machine without a CUDA GPU fails here, not inside Lightning."""
+    accelerator = str(t.get("accelerator") or "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine; use trainer=cpu"
+        )
+    devices = t.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > visible:
+        raise ConfigError(f"trainer.devices={devices} but only {visible} CUDA GPU(s) are visible")
+
+
+def check_teacher_fit(cfg: DictConfig) -> None:
+    """Check the student (rank range, a rank transformers can export, kept layers, clone-term layers)
+    and ``data.seq_len`` against the teacher's config alone (:func:`lrc.teachers.teacher_config`):
+    no weight is loaded, downloaded or converted and nothing is written."""
+    from lrc.losses import LossConfig, LRCLoss
+    from lrc.model import CloneConfig
+    from lrc.teachers import teacher_config
+
+    teacher = teacher_config(**OmegaConf.to_container(cfg.teacher, resolve=True))
+    max_len = int(getattr(teacher, "max_position_embeddings", 0) or 0)
+    if max_len and int(cfg.data.seq_len) > max_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's maximum of {max_len} positions")
+    student = CloneConfig(**OmegaConf.to_container(cfg.student, resolve=True))
+    student.validate_for(teacher)
+    loss = LRCLoss(LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)))
+    loss.check_layers(student.kept_layers(int(teacher.num_hidden_layers)))
+
+
+def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
+    """Checks of the output directory (held locked by :func:`run`): returns it and the checkpoint
+    to resume from (``None`` for a fresh run). A directory holding a checkpoint, ``metrics.json``
+    or an export holds a run and is refused for a fresh start; one holding only what a failed
+    start left is reused, with those files set aside. A checkpoint to resume from is read once,
+    safely, and must fit this run's teacher and student."""
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = cfg.ckpt_path
@@ -50,22 +105,132 @@ def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
         ckpt = str(last) if last.is_file() else None
     elif ckpt == "last":
         if not last.is_file():
-            raise ConfigError(f"ckpt_path=last but {last} does not exist")
+            raise ConfigError(
+                f"ckpt_path=last but {last} does not exist: {out} holds no checkpoint to resume; "
+                f"run again without ckpt_path=last to start afresh in that directory"
+            )
         ckpt = str(last)
     elif ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"ckpt_path {ckpt!r} does not exist")
-    if ckpt is None and out.exists() and any((out / m).exists() for m in RUN_MARKERS):
-        raise ConfigError(
-            f"output directory {out} already holds a run; resume it with ckpt_path=last "
-            f"or choose another directory (hydra.run.dir=...)"
-        )
+    if not is_rank_zero():  # the other processes of a multi-GPU run follow rank 0, which checked
+        return out, ckpt
+    if ckpt is None:
+        held = run_evidence(out)
+        if held:
+            raise ConfigError(
+                f"output directory {out} already holds a run ({', '.join(held)}); resume it with ckpt_path=last "
+                f"or choose another directory (hydra.run.dir=...)"
+            )
+        set_aside_failed_start(out)
+    else:
+        check_resume(cfg, ckpt)
     return out, ckpt
 
 
+def run_evidence(out: Path) -> list[str]:
+    """What in ``out`` shows a run that got somewhere: checkpoints, a summary, an export."""
+    found = sorted(str(p.relative_to(out)) for p in (out / "checkpoints").glob("*.ckpt"))
+    return found + [name for name in ("metrics.json", "student") if (out / name).exists()]
+
+
+def set_aside_failed_start(out: Path) -> None:
+    """Move what a start that never reached a checkpoint left in ``out`` (see :data:`LEFTOVERS`)
+    into ``out/failed-start-<time>/``, so the new run's logs do not mix with it."""
+    found = [name for name in LEFTOVERS if (out / name).exists()]
+    if not found:
+        return
+    aside = out / time.strftime("failed-start-%Y-%m-%d_%H-%M-%S")
+    aside.mkdir()
+    for name in found:
+        os.replace(out / name, aside / name)
+    print(f"lrc-distill: {out} holds no checkpoint, only what a failed start left ({', '.join(found)}); "
+          f"moved to {aside.name}/ and starting afresh", file=sys.stderr)
+
+
+def check_resume(cfg: DictConfig, ckpt: str) -> None:
+    """The checkpoint must be readable and written for this teacher and student shape."""
+    from lrc.training.checkpoint_io import load_checkpoint
+
+    state = load_checkpoint(ckpt, mmap=True)
+    saved = OmegaConf.create((state.get("lrc") or {}).get("config") or {})
+    if not saved:  # written before checkpoints carried the run config: the shape check on load decides
+        return
+    diffs = []
+    for key in RESUME_KEYS:
+        was, now = (_plain_select(c, key) for c in (saved, cfg))
+        if was != now:
+            diffs.append(f"{key}={was!r} there, {now!r} here")
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written with other settings ({'; '.join(diffs)}). A resume continues "
+            f"the same student: drop those overrides, or start a new run in another directory (hydra.run.dir=...)"
+        )
+
+
+def _plain_select(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def apply_batch_plan(cfg: DictConfig) -> None:
+    """Set ``trainer.accumulate_grad_batches`` so that an optimizer step sees ``global_batch_size``
+    sequences on however many devices this run has (``devices=-1`` / ``auto`` resolved here, before
+    the Trainer exists), and refuse a run that plans more tokens than ``max_data_epochs`` passes over
+    the unique tokens its data sources declare."""
+    from lrc.training.plan import (
+        accumulation_steps, check_token_budget, declared_unique_tokens, device_count, tokens_per_step,
+    )
+
+    t = cfg.trainer
+    gbs = cfg.get("global_batch_size")
+    unique = declared_unique_tokens(cfg.data.get("sources") or [])
+    steps = t.get("max_steps")
+    repeats_data = t.get("fast_dev_run") or t.get("overfit_batches")  # short or one-batch runs: no budget
+    budgeted = unique is not None and bool(steps) and int(steps) > 0 and not repeats_data
+    if gbs is None and not budgeted:
+        return
+    try:
+        nodes = int(t.get("num_nodes") or 1)
+        devices = device_count(t.get("accelerator", "auto"), t.get("devices", "auto"))
+        accum = int(t.get("accumulate_grad_batches") or 1)
+        if gbs is not None:
+            derived = accumulation_steps(gbs, int(cfg.data.batch_size), devices, nodes)
+            if accum not in (1, derived):
+                raise ConfigError(
+                    f"global_batch_size={gbs} implies trainer.accumulate_grad_batches={derived} on {devices * nodes} "
+                    f"device(s), but it is set to {accum}; set only one of the two"
+                )
+            accum = t.accumulate_grad_batches = derived
+        if budgeted:
+            per_step = tokens_per_step(int(cfg.data.seq_len), int(cfg.data.batch_size), devices, nodes, accum)
+            check_token_budget(int(steps) * per_step, unique, cfg.get("max_data_epochs", 1))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 # ---------------------------------------------------------------------------------- build
-def build_trainer(cfg: DictConfig, callbacks: list) -> Any:
-    loggers = [instantiate_checked(c) for c in (cfg.get("logger") or [])]
-    return instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+def build_trainer(cfg: DictConfig, callbacks: list, extra_loggers: tuple = ()) -> Any:
+    """The Trainer with the config's loggers, then ``extra_loggers`` (lrc's own ``curves.csv``), and
+    lrc's checkpoint reader/writer (crash-safe writes, ``weights_only`` reads) for every save and resume."""
+    from lrc.training.checkpoint_io import AtomicCheckpointIO
+
+    loggers = [instantiate_checked(c) for c in (cfg.get("logger") or [])] + list(extra_loggers)
+    plugins = [instantiate_checked(c) for c in (cfg.trainer.get("plugins") or [])] + [AtomicCheckpointIO()]
+    return instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+
+
+def checkpoint_note(out: Path) -> str:
+    """What a stopped run left to resume from, for its error message."""
+    from lrc.training.checkpoint_io import load_checkpoint
+
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "no checkpoint was written"
+    try:
+        step = load_checkpoint(last, mmap=True).get("global_step")
+    except ValueError:
+        return f"{last} is unreadable"
+    return f"{last} (step {step}) is untouched and finite"
 
 
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
@@ -83,15 +248,26 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """The whole job. Returns the summary dict (also written to ``metrics.json``)."""
+    """The whole job. Returns the summary dict (also written to ``metrics.json``).
+
+    The settings are checked before anything is read or written; the output directory is then
+    locked for the whole run, so a second run aimed at it fails at once."""
+    check_settings(cfg)
+    apply_batch_plan(cfg)  # trainer.accumulate_grad_batches from global_batch_size; token budget
+    check_teacher_fit(cfg)  # the teacher's config only: before any conversion, download or write
+    with lock_run_dir(Path(cfg.paths.output_dir)):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from lrc.losses import LossConfig, LRCLoss
-    from lrc.model import CloneConfig
+    from lrc.io import atomic_write
     from lrc.teachers import load_teacher
     from lrc.training.callbacks import GracefulShutdown
-    from lrc.training.module import DistillModule, NonFiniteLossError
+    from lrc.training.curves import CURVES_FILE, CurvesLogger
+    from lrc.training.module import DistillModule, NonFiniteError
 
     out, ckpt = check_static(cfg)
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
@@ -101,14 +277,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # the datamodule validates its sources (files exist, fields present) before anything heavy
     datamodule = instantiate_checked(cfg.data)
     teacher_kw = container["teacher"]
-    teacher, tokenizer = load_teacher(**teacher_kw)
-    max_len = int(getattr(teacher.config, "max_position_embeddings", 0) or 0)
-    if max_len and int(cfg.data.seq_len) > max_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's maximum of {max_len} positions")
-    clone_cfg = CloneConfig(**container["student"])
-    clone_cfg.validate(teacher.config.hidden_size, teacher.config.num_hidden_layers)
-    LRCLoss(LossConfig(**container["loss"])).check_layers(clone_cfg.kept_layers(teacher.config.num_hidden_layers))
+    teacher, tokenizer = load_teacher(**teacher_kw)  # student and seq_len were checked by check_teacher_fit
     datamodule.set_tokenizer(tokenizer)
+    datamodule.check_data()  # reads and packs the data now (cached): bad rows, too little data, no validation
 
     module = DistillModule(
         teacher=teacher_kw,
@@ -121,33 +292,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tokenizer=tokenizer,
         run_config=container,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(container))
-
-    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = build_trainer(cfg, callbacks)
+    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    curves = CurvesLogger(out / CURVES_FILE, tokens=lambda: module.tokens_seen)  # whatever the logger group
+    trainer = build_trainer(cfg, callbacks, extra_loggers=(curves,))
     shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
+    if ckpt is None and is_rank_zero():  # only now: every check above passed
+        with atomic_write(out / "config.yaml", "w") as fh:
+            fh.write(OmegaConf.to_yaml(container))
 
     before: dict[str, float] = {}
     if cfg.validate_before and ckpt is None:
         before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     start = time.perf_counter()
+    curves.start()
     tokens_at_start = module.tokens_seen
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteLossError as err:
-        raise ConfigError(f"training stopped: {err}") from None
+    except NonFiniteError as err:
+        raise ConfigError(f"training stopped: {err}; {checkpoint_note(out)}") from None
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
+        "status": "finished",
+        **run_identity(cfg),
         "run_dir": str(out.resolve()),
         "tokens_seen": int(module.tokens_seen),
         "steps": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "tokens_per_s": round((module.tokens_seen - tokens_at_start) / max(wall, 1e-9), 1),
         "tokens_per_source": dict(module.tokens_per_source),
+        "wall_time_total_s": round(curves.elapsed(), 1),  # summed over resumes
+        "params": parameter_counts(module),
     }
     if shutdown is not None and shutdown.interrupted:
+        summary["status"] = "interrupted"
+        summary["val_best"] = best_logged_validation(curves.path)
         summary["interrupted"] = True
         summary["checkpoint"] = str(shutdown.path)
         print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
@@ -159,6 +337,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary.update({
         "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in before.items() if k.startswith("val/")},
         "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
+        "val_best": best_logged_validation(curves.path),  # over every validation, resumes included
     })
     if cfg.export.enabled:
         dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
@@ -189,22 +368,93 @@ def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """``method``, ``seed`` and the job's command-line ``overrides`` (empty outside ``@hydra.main``,
+    e.g. through the Python API), recorded in ``metrics.json`` for ``lrc-collect``."""
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        choices, overrides = dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+    except ValueError:  # HydraConfig is not set: not running under @hydra.main
+        pass
+    method = cfg.get("method")
+    if not isinstance(method, str):
+        method = choices.get("method") or (method.get("name") if method is not None else None) or "lrc"
+    return {"method": str(method), "seed": int(cfg.seed), "overrides": overrides}
+
+
+def parameter_counts(module: Any) -> dict[str, int]:
+    """Trainable parameters, and the parameters of the exported student (built on the meta device,
+    so nothing is allocated; a tied embedding and head count once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lrc.model.export import student_config
+
+    with torch.device("meta"):
+        student = AutoModelForCausalLM.from_config(student_config(module.clone))
+    return {
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "deployed": sum(p.numel() for p in student.parameters()),
+    }
+
+
+def best_logged_validation(curves: Path) -> dict[str, Any] | None:
+    """The validation with the lowest ``val/ce`` in ``curves.csv`` (values rounded like ``val``)."""
+    from lrc.analysis.curves import best_validation, read_curves
+
+    best = best_validation(read_curves(curves)) if curves.is_file() else None
+    return None if best is None else {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
-    tmp.replace(path)
+    from lrc.io import atomic_write
+
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(data, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+
+
+#: Errors that are the user's input or environment: one line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    """One job. A bad input or a stopped run prints ``lrc-distill: error: ...`` and exits with 2. In
+    a sweep (``-m``) any failing job instead writes ``error.txt`` into its directory and the sweep
+    goes on; the sweep's summary (:mod:`lrc.cli.hydra_hooks`) lists it and the exit status is 1."""
     try:
         summary = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except Exception as err:  # noqa: BLE001 - reported below, re-raised when unexpected outside a sweep
         if os.environ.get("LRC_DEBUG"):
+            raise
+        expected = isinstance(err, USER_ERRORS)
+        if _in_sweep():
+            from hydra.core.hydra_config import HydraConfig
+
+            from lrc.cli.hydra_hooks import write_job_error
+
+            job_dir = Path(HydraConfig.get().runtime.output_dir)
+            details = "" if expected else traceback.format_exc()
+            written = write_job_error(job_dir, list(HydraConfig.get().overrides.task), err, details)
+            print(f"lrc-distill: error: job {HydraConfig.get().job.num} failed: {err}"
+                  + (f" (see {written})" if written else ""), file=sys.stderr)
+            return None
+        if not expected:
             raise
         print(f"lrc-distill: error: {err}", file=sys.stderr)
         sys.exit(2)
     return (summary.get("val") or {}).get("ce")
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

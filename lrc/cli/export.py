@@ -6,6 +6,7 @@ holds the resolved config (teacher source, student, loss), so no training flag i
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +24,33 @@ class ExportArgs:
     overwrite: bool = False  # replace a non-empty ``out``
 
 
+DTYPES = (None, "float32", "bfloat16", "float16")
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Merge the student of ``ckpt`` and write it to ``out``. Every argument is checked, and the
+    checkpoint read safely (:func:`lrc.training.checkpoint_io.load_checkpoint`), before the teacher
+    is loaded; a checkpoint with a NaN / Inf tensor is refused."""
     import torch
 
+    from lrc.training.checkpoint_io import load_checkpoint
     from lrc.training.module import DistillModule
 
     ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_file():
-        raise ConfigError(f"checkpoint {ckpt} does not exist")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(d for d in DTYPES if d)} (or omitted), got {dtype!r}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a directory for the exported model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass overwrite=true to replace it")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if "lrc" not in state or "hyper_parameters" not in state:
-        raise ConfigError(f"{ckpt} is not an lrc-distill checkpoint")
+    parent = next(p for p in out.absolute().parents if p.exists())  # the export is built beside `out`
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {out}: {parent} is not writable")
+    state = load_checkpoint(ckpt)
+    if "hyper_parameters" not in state:
+        raise ConfigError(f"{ckpt} is not an lrc-distill checkpoint (no hyper_parameters)")
     module = DistillModule(**state["hyper_parameters"])
-    module.configure_model()
+    module.configure_model(restoring=True)  # the checkpoint's tensors replace any init (pca needs no data here)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
     return module.clone.save_student(out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
@@ -57,9 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # one clear line for the user, not a traceback
         from omegaconf.errors import OmegaConfBaseException
 
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+            err = ConfigError(f"cannot write {err.filename}: {err.strerror or err}")
         if not isinstance(err, (ConfigError, OmegaConfBaseException, FileNotFoundError, ValueError)):
             raise
-        print(f"lrc-export: error: {err}", file=sys.stderr)
+        print(f"lrc-export: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     print(f"exported student to {path}")
 

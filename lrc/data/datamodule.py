@@ -2,11 +2,15 @@
 
 Pipeline (see :mod:`lrc.data.sources` and :mod:`lrc.data.packing`):
 
-1. every source is validated when the module is built (fail fast, before any work);
+1. every source is validated when the module is built (fail fast, before any work), and
+   :meth:`~TokenMixDataModule.check_data` reads the data before training (a bad row names
+   its file, line and field; too little data for one batch or one validation sequence
+   says what to change);
 2. **in-memory** sources (``streaming: false``) are read, tokenized, split into train
    and validation documents, packed into ``seq_len`` chunks and cached as ``.npy``
    arrays under ``<cache_dir>/packed/<fingerprint>/`` (fingerprint of tokenizer, source
-   definition and files, ``seq_len`` and validation settings; atomic writes) by
+   definition and files, ``seq_len``, validation settings and the bos token that starts
+   every document when ``add_bos`` calls for one; atomic writes) by
    :meth:`prepare_data`; :meth:`setup` memory-maps them;
 3. if any source is **streaming**, all training sources are read, tokenized and packed on
    the fly in an ``IterableDataset`` (validation is still packed in memory);
@@ -14,7 +18,9 @@ Pipeline (see :mod:`lrc.data.sources` and :mod:`lrc.data.packing`):
    token budgets, ``max_train_tokens``) and :func:`~lrc.data.packing.interleave` (every
    prefix of an epoch holds each source's share to within one sequence); each epoch
    shuffles the chunks of every source with a permutation seeded by ``(seed, epoch,
-   source)`` (streaming: a per-source shuffle buffer), before mixing.
+   source)`` (streaming: a per-source shuffle buffer), before mixing. A weighted source
+   holding fewer sequences than its share stops the epoch, is read again, or leaves the
+   others more room (``on_exhausted``), and is reported in the log.
 
 Validation: a source's dedicated split when it has one (the embedded corpus' held-out
 packages, a hub ``val_split``); otherwise, for in-memory mixtures, its last documents
@@ -42,7 +48,10 @@ Lightning does not wrap it again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -56,12 +65,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from lrc.data.corpus import default_cache_dir
 from lrc.data.packing import (
+    BOS_MODES,
+    EXHAUSTED_MODES,
+    Lookahead,
     OnlineInterleaver,
     PackedStream,
     StreamPacker,
+    bos_to_add,
     interleave,
     mixture_counts,
     pack_documents,
+    planned_weighted_chunks,
+    renormalised_order,
     seeded_rng,
     token_dtype,
     tokenize_documents,
@@ -81,6 +96,7 @@ __all__ = [
 PACK_VERSION = 1
 STATE_VERSION = 1
 _TOKENIZE_BATCH = 256
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -115,9 +131,11 @@ def _files_signature(src: SourceConfig, cache_dir) -> Any:
     return None  # hub: identified by path/config/split/revision
 
 
-def _source_fingerprint(src: SourceConfig, tok_fp: str, seq_len: int, val_spec: dict, cache_dir) -> str:
+def _source_fingerprint(
+    src: SourceConfig, tok_fp: str, seq_len: int, val_spec: dict, cache_dir, bos_id: int | None = None
+) -> str:
     d = src.to_dict()
-    for k in ("weight", "streaming"):  # do not change the packed arrays
+    for k in ("weight", "streaming", "unique_tokens"):  # do not change the packed arrays
         d.pop(k, None)
     payload = {
         "pack_version": PACK_VERSION,
@@ -127,6 +145,8 @@ def _source_fingerprint(src: SourceConfig, tok_fp: str, seq_len: int, val_spec: 
         "seq_len": seq_len,
         "val": val_spec,
     }
+    if bos_id is not None:  # only when set, so caches packed without a bos stay valid
+        payload["bos"] = bos_id
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -165,9 +185,11 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 
 def _tokenized_docs(
-    texts: Iterator[str], tokenizer, stop_after_tokens: float = float("inf"), label: str = "source"
+    texts: Iterator[str], tokenizer, stop_after_tokens: float = float("inf"), label: str = "source",
+    bos_id: int | None = None,
 ) -> list[np.ndarray]:
-    """Tokenize a text stream in batches; stop once ``stop_after_tokens`` (+eos) were collected."""
+    """Tokenize a text stream in batches (``bos_id`` first when given); stop once
+    ``stop_after_tokens`` (+eos) were collected."""
     from lrc.progress import progress
 
     docs: list[np.ndarray] = []
@@ -178,7 +200,7 @@ def _tokenized_docs(
     def flush() -> bool:
         nonlocal total
         before = total
-        for ids in tokenize_documents(batch, tokenizer, _TOKENIZE_BATCH):
+        for ids in tokenize_documents(batch, tokenizer, _TOKENIZE_BATCH, bos_id):
             docs.append(np.asarray(ids, dtype=dtype))
             total += len(ids) + 1
             if total >= stop_after_tokens:
@@ -205,10 +227,13 @@ def build_packed_source(
     cache_dir: str | os.PathLike | None = None,
     val_fraction: float = 0.05,
     val_tokens: int | None = None,
+    bos_id: int | None = None,
 ) -> PackedSource:
     """Read, tokenize, split and pack one source, or load it from the cache.
 
-    Train documents come from ``src.split`` (at most ``max_tokens`` worth when budgeted).
+    Documents start with ``bos_id`` when given (see :func:`~lrc.data.packing.bos_to_add`;
+    part of the cache key). Train documents come from ``src.split`` (at most ``max_tokens``
+    worth when budgeted).
     Validation documents come from the dedicated split when the source has one (capped at
     ``val_tokens``), otherwise they are the source's last documents holding
     ``val_tokens`` (or ``val_fraction`` of all) tokens; at least one document is held out
@@ -217,7 +242,7 @@ def build_packed_source(
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tok_fp = tokenizer_fingerprint(tokenizer)
     val_spec = {"fraction": val_fraction, "tokens": val_tokens}
-    fp = _source_fingerprint(src, tok_fp, seq_len, val_spec, cache_root)
+    fp = _source_fingerprint(src, tok_fp, seq_len, val_spec, cache_root, bos_id)
     directory = cache_root / "packed" / f"{src.name}-{fp}"
     meta_path = directory / "meta.json"
     names = ("train_tokens", "train_doc_starts", "val_tokens", "val_doc_starts")
@@ -241,13 +266,14 @@ def build_packed_source(
         # read enough that the carved validation share leaves the full budget for training
         budget = budget + (val_tokens if val_tokens is not None else budget * val_fraction / max(1e-9, 1 - val_fraction))
     docs = _tokenized_docs(
-        iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget, label=src.name
+        iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget, label=src.name,
+        bos_id=bos_id,
     )
     if dedicated is not None:
         val_cap = float(val_tokens) if val_tokens is not None else float("inf")
         val_docs = _tokenized_docs(
             iter_documents(src, tokenizer, dedicated, cache_dir=cache_root), tokenizer, val_cap,
-            label=f"{src.name} ({dedicated})",
+            label=f"{src.name} ({dedicated})", bos_id=bos_id,
         )
         train_docs = docs
     else:
@@ -272,6 +298,7 @@ def build_packed_source(
         "train_chunks": train.n_chunks,
         "val_chunks": val.n_chunks,
         "validation": "split:" + dedicated if dedicated else "carved",
+        "bos": bos_id,
     }
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_save_npy(directory / "train_tokens.npy", train.tokens)
@@ -342,8 +369,10 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
     leaves it in place instead of wrapping it in another distributed sampler.
 
     Epoch ``e`` takes ``counts[i]`` chunks of source ``i`` (the first ``counts[i]`` of a
-    permutation seeded by ``(seed, e, i)`` when ``shuffle``, else the first ones in order),
-    in the order of :func:`~lrc.data.packing.interleave`. The epoch is cut into batches of
+    permutation seeded by ``(seed, e, i)`` when ``shuffle``, else the first ones in order;
+    a count above the source's size goes on with further passes, seeded by ``(seed, e, i,
+    pass)``), in the order of ``labels`` (default :func:`~lrc.data.packing.interleave` of
+    the counts). The epoch is cut into batches of
     ``batch_size``; rank ``r`` of ``world_size`` takes global batches ``r, r + W, ...``
     (all ranks get the same number). Iteration yields sample indices of whole batches,
     starting at batch ``resume_batch`` when the epoch is ``resume_epoch``.
@@ -360,11 +389,12 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        labels: np.ndarray | None = None,
     ) -> None:
         self.sizes = [int(s) for s in sizes]
         self.counts = [int(c) for c in counts]
-        if any(c > s for c, s in zip(self.counts, self.sizes)):
-            raise ValueError("a source cannot contribute more chunks than it has")
+        if any(c > 0 and s == 0 for c, s in zip(self.counts, self.sizes)):
+            raise ValueError("a source without chunks cannot contribute any")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.batch_size = int(batch_size)
         self.seed = seed
@@ -373,7 +403,9 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
         self.rank = rank
         self.world_size = world_size
         self.num_replicas = world_size  # DistributedSampler attribute names
-        self.labels = interleave(self.counts, seed)
+        self.labels = interleave(self.counts, seed) if labels is None else np.asarray(labels, dtype=np.int64)
+        if np.bincount(self.labels, minlength=len(self.counts)).tolist() != self.counts:
+            raise ValueError("labels must hold counts[i] positions of every source i")
         self._init_position()
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -390,11 +422,11 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
         for i, (size, count) in enumerate(zip(self.sizes, self.counts)):
             if count == 0:
                 continue
-            if self.shuffle:
-                picks = seeded_rng("chunks", self.seed, epoch, i).permutation(size)[:count]
-            else:
-                picks = np.arange(count)
-            order[self.labels == i] = self.offsets[i] + picks
+            passes = []
+            for p in range(-(-count // size)):  # more than one pass: the source is read again
+                key = ("chunks", self.seed, epoch, i) + ((p,) if p else ())
+                passes.append(seeded_rng(*key).permutation(size) if self.shuffle else np.arange(size))
+            order[self.labels == i] = self.offsets[i] + np.concatenate(passes)[:count]
         self._cache = (epoch, order)
         return order
 
@@ -429,15 +461,21 @@ class StreamingMixture(ResumablePosition, IterableDataset):
     """Pack-on-the-fly mixture of document streams, yielding whole batches.
 
     Sources are read with :func:`~lrc.data.sources.iter_documents` (skipping the first
-    ``skip_docs[i]`` documents, which were held out for validation), tokenized, packed with
-    :class:`~lrc.data.packing.StreamPacker` and mixed with
-    :class:`~lrc.data.packing.OnlineInterleaver` over ``shares``. A source stops at its
-    chunk budget; a weighted source running dry ends the epoch (keeping the proportions);
-    ``total_chunks`` caps the epoch. With ``shuffle``, each source's chunks pass a shuffle
-    buffer of ``shuffle_buffer`` chunks seeded by ``(seed, epoch, source)`` before mixing.
-    Batch ``b`` of the epoch goes to dataloader worker ``b % W``, so the batch order does not
-    depend on the number of workers (each worker reads the full stream). Resuming replays
-    the stream and skips ``resume_batch`` batches.
+    ``skip_docs[i]`` documents, which were held out for validation), tokenized (``bos_id``
+    first when given), packed with :class:`~lrc.data.packing.StreamPacker` and mixed with
+    :class:`~lrc.data.packing.OnlineInterleaver` over ``shares``. A budgeted source stops at
+    its chunk budget (or leaves the mixture when it runs dry first); ``total_chunks`` caps
+    the epoch. A weighted source (no budget) that runs dry does what ``on_exhausted`` says
+    (:data:`~lrc.data.packing.EXHAUSTED_MODES`): ``stop`` ends the epoch; ``restart`` reads
+    it again from its start while another weighted source still has unread chunks (else
+    the epoch ends); ``renormalise`` drops it and the others go on with their shares
+    renormalised until every source has run dry. A source that runs dry while others still
+    have chunks is reported once per epoch in the log (source, position, tokens read against
+    its ``planned`` share). With ``shuffle``, each source's chunks pass a shuffle buffer of
+    ``shuffle_buffer`` chunks seeded by ``(seed, epoch, source)`` (``+ (pass,)`` when read
+    again) before mixing. Batch ``b`` of the epoch goes to dataloader worker ``b % W``, so
+    the batch order does not depend on the number of workers (each worker reads the full
+    stream). Resuming replays the stream and skips ``resume_batch`` batches.
     """
 
     def __init__(
@@ -449,7 +487,8 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         batch_size: int,
         shares: Sequence[float],
         budgets: Sequence[int | None],
-        stop_on_exhaustion: Sequence[bool],
+        on_exhausted: str = "stop",
+        planned: Sequence[float | None] | None = None,
         total_chunks: int | None = None,
         skip_docs: Sequence[int] | None = None,
         seed: int = 0,
@@ -460,14 +499,18 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         cache_dir: str | os.PathLike | None = None,
         rank: int = 0,
         world_size: int = 1,
+        bos_id: int | None = None,
     ) -> None:
+        if on_exhausted not in EXHAUSTED_MODES:
+            raise ValueError(f"on_exhausted must be one of {EXHAUSTED_MODES}, got {on_exhausted!r}")
         self.sources = list(sources)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.shares = list(shares)
         self.budgets = list(budgets)
-        self.stop_on_exhaustion = list(stop_on_exhaustion)
+        self.on_exhausted = on_exhausted
+        self.planned = list(planned) if planned is not None else [None] * len(self.sources)
         self.total_chunks = total_chunks
         self.skip_docs = list(skip_docs or [0] * len(self.sources))
         self.seed = seed
@@ -478,8 +521,8 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         self.cache_dir = cache_dir
         self.rank = rank
         self.world_size = world_size
+        self.bos_id = bos_id
         self._init_position()
-
 
     def _source_chunks(self, i: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         src = self.sources[i]
@@ -493,42 +536,80 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         for text in docs:
             batch.append(text)
             if len(batch) >= 64:
-                for ids in tokenize_documents(batch, self.tokenizer):
+                for ids in tokenize_documents(batch, self.tokenizer, bos_id=self.bos_id):
                     yield from packer.feed(ids)
                 batch = []
-        for ids in tokenize_documents(batch, self.tokenizer):
+        for ids in tokenize_documents(batch, self.tokenizer, bos_id=self.bos_id):
             yield from packer.feed(ids)
 
-    def iter_chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(source, tokens, segment_ids)`` of the epoch's mixture (each source buffer-shuffled)."""
-        streams = [self._shuffled(self._source_chunks(i), i) for i in range(len(self.sources))]
+    def _stream(self, i: int, read: int, buffered: bool) -> Lookahead:
+        """Source ``i`` read for the ``read``-th time this epoch (0 = first)."""
+        chunks = self._source_chunks(i)
+        return Lookahead(self._shuffled(chunks, i, read) if buffered else chunks)
+
+    def iter_chunks(self, *, buffered: bool = True, report: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(source, tokens, segment_ids)`` of the epoch's mixture (each source buffer-shuffled
+        unless ``buffered`` is False); ``report`` logs sources that run dry early."""
+        k = len(self.sources)
+        weighted = [b is None for b in self.budgets]
+        reads = [0] * k  # times each source was started again this epoch
+        in_read = [0] * k  # chunks taken from the current read
+        streams = [self._stream(i, 0, buffered) for i in range(k)]
         mixer = OnlineInterleaver(self.shares, seed=self.seed)
-        taken = [0] * len(self.sources)
+        taken = [0] * k
         produced = 0
         while self.total_chunks is None or produced < self.total_chunks:
             i = mixer.next()
             if i is None:
                 return
-            chunk = next(streams[i], None)
-            if chunk is None:
-                if self.stop_on_exhaustion[i]:
-                    return
-                mixer.exclude(i)
-                mixer.taken[i] -= 1
+            chunk = streams[i].pop()
+            if chunk is None:  # source i ran dry
+                mixer.taken[i] -= 1  # nothing was taken at this position
                 mixer.t -= 1
+                if not weighted[i]:  # a budgeted source short of its budget leaves the mixture
+                    mixer.exclude(i)
+                    continue
+                # another weighted source has chunks it has not given yet
+                unread = any(j != i and weighted[j] and reads[j] == 0 and not streams[j].done for j in mixer.live)
+                if self.on_exhausted == "restart" and unread and in_read[i]:
+                    if report and reads[i] == 0:
+                        self._report_dry(i, taken[i], produced, "it is read again from its start")
+                    reads[i] += 1
+                    in_read[i] = 0
+                    streams[i] = self._stream(i, reads[i], buffered)
+                elif self.on_exhausted == "renormalise" or (self.on_exhausted == "restart" and unread):
+                    if report and unread:  # (restart: a source without any chunk)
+                        self._report_dry(i, taken[i], produced, "the other sources go on with their weights renormalised")
+                    mixer.drop(i)
+                else:  # stop, or restart once every weighted source has been read to its end
+                    if report and unread:
+                        self._report_dry(i, taken[i], produced, "the epoch ends here")
+                    return
                 continue
+            in_read[i] += 1
             taken[i] += 1
             produced += 1
             yield i, chunk[0], chunk[1]
             if self.budgets[i] is not None and taken[i] >= self.budgets[i]:
                 mixer.exclude(i)
 
-    def _shuffled(self, items: Iterator, source: int) -> Iterator:
+    def _report_dry(self, i: int, taken: int, position: int, action: str) -> None:
+        planned = self.planned[i]
+        plan = (f"its planned share is {planned * self.seq_len:,.0f} tokens" if planned is not None
+                else "no planned share (max_train_tokens is not set)")
+        log.warning(
+            "data source %r ran dry in epoch %d after %s tokens (%d sequences of %d), at sequence %d "
+            "(batch %d) of the mixture; %s; %s (on_exhausted=%s)",
+            self.sources[i].name, self.epoch, f"{taken * self.seq_len:,}", taken, self.seq_len, position,
+            position // self.batch_size, plan, action, self.on_exhausted,
+        )
+
+    def _shuffled(self, items: Iterator, source: int, read: int = 0) -> Iterator:
         """Buffer shuffle of one source's chunks (before mixing, so the mixture stays smooth)."""
         if not self.shuffle:
             yield from items
             return
-        rng = seeded_rng("stream-shuffle", self.seed, self.epoch, source)
+        rng = seeded_rng("stream-shuffle", self.seed, self.epoch, source, *((read,) if read else ()))
         buf: list = []
         for item in items:
             if len(buf) < self.shuffle_buffer:
@@ -541,9 +622,14 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         for j in order:
             yield buf[int(j)]
 
-    def _batches(self) -> Iterator[list]:
+    def first_chunks(self, n: int) -> int:
+        """How many of the epoch's first ``n`` chunks exist (read without the shuffle buffer:
+        a quick check that the stream can fill a batch)."""
+        return sum(1 for _ in itertools.islice(self.iter_chunks(buffered=False), n))
+
+    def _batches(self, report: bool = False) -> Iterator[list]:
         batch: list = []
-        for item in self.iter_chunks():
+        for item in self.iter_chunks(report=report):
             batch.append(item)
             if len(batch) == self.batch_size:
                 yield batch
@@ -565,7 +651,7 @@ class StreamingMixture(ResumablePosition, IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         start = self.start_batch()
         local = 0  # batches of this rank seen so far
-        for b, batch in enumerate(self._batches()):
+        for b, batch in enumerate(self._batches(report=worker == 0 and self.rank == 0)):
             if b % self.world_size != self.rank:
                 continue
             if local >= start and (local - start) % n_workers == worker:
@@ -655,6 +741,13 @@ class TokenMixDataModule(LightningDataModule):
         shuffle_buffer: chunk shuffle buffer of streaming mixtures.
         cache_dir: cache root (default ``$LRC_CACHE`` or ``~/.cache/lrc``).
         pin_memory: passed to the dataloaders.
+        add_bos: put the tokenizer's bos token at every document start: ``"auto"`` (as the
+            tokenizer does itself, see :func:`~lrc.data.packing.bos_to_add`), True or False.
+        on_exhausted: what a weighted source holding fewer sequences than its share of the
+            epoch does: ``"stop"`` (end the epoch), ``"restart"`` (read it again from its
+            start) or ``"renormalise"`` (the others go on with renormalised weights); see
+            :func:`~lrc.data.packing.mixture_counts` and :class:`StreamingMixture`. It is
+            reported in the log.
     """
 
     def __init__(
@@ -677,6 +770,8 @@ class TokenMixDataModule(LightningDataModule):
         shuffle_buffer: int = 1024,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        add_bos: str | bool = "auto",
+        on_exhausted: str = "stop",
     ) -> None:
         super().__init__()
         if sources is None or len(sources) == 0:
@@ -702,6 +797,13 @@ class TokenMixDataModule(LightningDataModule):
                 raise ValueError(f"{key} must be a non-negative integer or null, got {val!r}")
         if max_train_tokens is not None and max_train_tokens < seq_len:
             raise ValueError(f"max_train_tokens={max_train_tokens} is less than one sequence of seq_len={seq_len}")
+        if add_bos not in BOS_MODES or not isinstance(add_bos, (str, bool)):
+            raise ValueError(f"add_bos must be one of auto, true, false; got {add_bos!r}")
+        if on_exhausted not in EXHAUSTED_MODES:
+            raise ValueError(f"on_exhausted must be one of {', '.join(EXHAUSTED_MODES)}; got {on_exhausted!r}")
+        self.add_bos = add_bos
+        self.on_exhausted = on_exhausted
+        self.bos_id: int | None = None
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -722,6 +824,7 @@ class TokenMixDataModule(LightningDataModule):
         if self.streaming:
             self._check_streaming_mixture()
         self._packed: list[PackedSource] | None = None
+        self._val_read: list[tuple] = []  # per source: held-out documents, tokens, where from, all documents
         self.train_dataset: Dataset | None = None
         self.val_dataset: PackedChunks | None = None
         self.val_indices: list[int] = []
@@ -751,11 +854,13 @@ class TokenMixDataModule(LightningDataModule):
             raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
         for src in self.sources:
             validate_source(src, tokenizer, check_data=False)
+        bos_id = bos_to_add(tokenizer, self.add_bos)
         fp = tokenizer_fingerprint(tokenizer)
-        if getattr(self, "_tokenizer_fp", fp) != fp:  # a different tokenizer: rebuild on next setup
+        if (getattr(self, "_tokenizer_fp", fp), self.bos_id) != (fp, bos_id):  # rebuild on next setup
             self.train_dataset = self.val_dataset = self.sampler = self._train_loader = None
         self.tokenizer = tokenizer
         self._tokenizer_fp = fp
+        self.bos_id = bos_id
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -788,20 +893,47 @@ class TokenMixDataModule(LightningDataModule):
             "max_train_tokens": self.max_train_tokens,
             "tokenizer": getattr(self, "_tokenizer_fp", None),
         }
+        # only when they differ from the defaults, so checkpoints written before they existed still match
+        if self.bos_id is not None:
+            payload["bos"] = self.bos_id
+        if self.on_exhausted != "stop":
+            payload["on_exhausted"] = self.on_exhausted
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ lightning hooks
 
     def prepare_data(self) -> None:
-        """Tokenize and pack in-memory sources into the cache (once per node)."""
+        """Tokenize and pack in-memory sources into the cache (once per node; nothing to do
+        once :meth:`setup` or :meth:`check_data` has run)."""
         tokenizer = self._require_tokenizer()
-        if self.streaming:
+        if self.streaming or self.train_dataset is not None:
             return
         for src in self.sources:
-            build_packed_source(
-                src, tokenizer, self.seq_len, cache_dir=self.cache_dir,
-                val_fraction=self.val_fraction, val_tokens=self.val_tokens,
-            )
+            self._build_packed(src, tokenizer)
+
+    def _build_packed(self, src: SourceConfig, tokenizer) -> PackedSource:
+        return build_packed_source(
+            src, tokenizer, self.seq_len, cache_dir=self.cache_dir,
+            val_fraction=self.val_fraction, val_tokens=self.val_tokens, bos_id=self.bos_id,
+        )
+
+    def check_data(self, require_validation: bool = True) -> None:
+        """Read, tokenize and pack the data now and raise one ``ValueError`` saying what to
+        change when it cannot train: a bad row (naming file, line or row, and field), fewer
+        sequences than one batch, no validation sequence (``require_validation``).
+
+        In-memory sources are read in full and cached, so training does not read them
+        again; streaming sources are checked on their held-out head and on the chunks of the
+        first batch (a bad row further on is reported when training reaches it).
+        """
+        self.setup("fit")
+        if self.streaming:
+            need = self.batch_size * self._rank_world()[1]
+            got = self.train_dataset.first_chunks(need)
+            if got < need:
+                self._raise_no_batch(got)
+        if require_validation and not self.val_indices:
+            raise ValueError(self._no_validation_message())
 
     def setup(self, stage: str | None = None) -> None:
         """Load packed sources (building them if needed) and build datasets and samplers."""
@@ -814,40 +946,45 @@ class TokenMixDataModule(LightningDataModule):
             self._setup_in_memory(tokenizer)
 
     def _setup_in_memory(self, tokenizer) -> None:
-        self._packed = [
-            build_packed_source(
-                src, tokenizer, self.seq_len, cache_dir=self.cache_dir,
-                val_fraction=self.val_fraction, val_tokens=self.val_tokens,
-            )
-            for src in self.sources
-        ]
+        self._packed = [self._build_packed(src, tokenizer) for src in self.sources]
         sizes = [p.train.n_chunks for p in self._packed]
+        weights = [s.weight for s in self.sources]
         budgets = [None if s.max_tokens is None else s.max_tokens // self.seq_len for s in self.sources]
         total = None if self.max_train_tokens is None else self.max_train_tokens // self.seq_len
         self.available_chunks = sizes
-        self.counts = mixture_counts(sizes, [s.weight for s in self.sources], budgets, total)
+        self.counts = mixture_counts(sizes, weights, budgets, total, self.on_exhausted)
         empty = [s.name for s, c in zip(self.sources, self.counts) if c == 0]
         if sum(self.counts) == 0:
+            read = ", ".join(f"{p.name!r}: {p.meta['train_tokens_read']} tokens" for p in self._packed)
             raise ValueError(
-                f"no training sequences of seq_len={self.seq_len}: sources {self.source_names} yield "
-                f"{sizes} full chunks (too little text for this seq_len?)"
+                f"no training sequences of seq_len={self.seq_len}: the training text ({read}) does not fill "
+                f"one sequence; lower seq_len or add text"
             )
         if empty:
             warnings.warn(
                 f"data sources {empty} contribute no training sequences (too short for seq_len={self.seq_len})",
                 stacklevel=2,
             )
+        planned = planned_weighted_chunks(sizes, weights, budgets, total)
+        if self.on_exhausted == "renormalise":  # shares by plan; a source that runs dry drops out
+            labels = renormalised_order(self.counts, [c if p is None else p for c, p in zip(self.counts, planned)],
+                                        self.seed)
+        else:
+            labels = interleave(self.counts, self.seed)
         rank, world = self._rank_world()
         self.train_dataset = PackedChunks([p.train for p in self._packed], self.document_mask)
         self.sampler = MixtureSampler(
             sizes, self.counts, batch_size=self.batch_size, seed=self.seed, shuffle=self.shuffle,
-            drop_last=self.drop_last, rank=rank, world_size=world,
+            drop_last=self.drop_last, rank=rank, world_size=world, labels=labels,
         )
         if self.sampler.batches_per_epoch() == 0:
-            raise ValueError(
-                f"no full training batch: {sum(self.counts)} sequences for batch_size={self.batch_size}"
-                + (f" x {world} devices" if world > 1 else "")
-            )
+            self._raise_no_batch(sum(self.counts), world)
+        if rank == 0:
+            self._report_dry_sources(sizes, planned, labels)
+        self._val_read = [(p.meta["val_documents"], p.meta["val_tokens_read"],
+                           "carved" if p.meta["validation"] == "carved" else p.meta["validation"][len("split:"):],
+                           p.meta["train_documents"] + p.meta["val_documents"])
+                          for p in self._packed]
         self._build_val([p.val for p in self._packed])
         self._apply_resume()
 
@@ -858,13 +995,16 @@ class TokenMixDataModule(LightningDataModule):
         skip_docs = []
         eos = tokenizer.eos_token_id
         val_target = self.val_tokens if self.val_tokens is not None else 16 * self.seq_len
+        self._val_read = []
         for src in self.sources:
             dedicated = _dedicated_val_split(src)
             docs = _tokenized_docs(
-                iter_documents(src, tokenizer, dedicated or src.split, cache_dir=self.cache_dir), tokenizer, val_target
+                iter_documents(src, tokenizer, dedicated or src.split, cache_dir=self.cache_dir), tokenizer, val_target,
+                label=f"{src.name} (validation)", bos_id=self.bos_id,
             ) if val_target > 0 else []
             skip_docs.append(0 if dedicated else len(docs))
             val_streams.append(pack_documents(docs, eos, self.seq_len, token_dtype(len(tokenizer))))
+            self._val_read.append((len(docs), sum(len(d) + 1 for d in docs), dedicated or "stream head", None))
         if len(self.sources) == 1:
             shares = [1.0]
         elif all(s.weight is not None for s in self.sources):
@@ -884,13 +1024,56 @@ class TokenMixDataModule(LightningDataModule):
             self.counts = [None] * len(self.sources)
         self.train_dataset = StreamingMixture(
             self.sources, tokenizer, seq_len=self.seq_len, batch_size=self.batch_size, shares=shares,
-            budgets=budgets, stop_on_exhaustion=[b is None for b in budgets], total_chunks=total,
+            budgets=budgets, on_exhausted=self.on_exhausted, total_chunks=total,
+            planned=None if total is None else planned_weighted_chunks([total] * len(shares), shares, budgets, total),
             skip_docs=skip_docs, seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
             drop_last=self.drop_last, document_mask=self.document_mask, cache_dir=self.cache_dir,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, bos_id=self.bos_id,
         )
         self._build_val(val_streams)
         self._apply_resume()
+
+    def _raise_no_batch(self, sequences: int, world: int = 1) -> None:
+        devices = f" x {world} devices" if world > 1 else ""
+        raise ValueError(
+            f"no full training batch: the data gives {sequences} training sequences of seq_len={self.seq_len} "
+            f"per epoch, fewer than batch_size={self.batch_size}{devices}; lower batch_size or seq_len, or add data"
+        )
+
+    def _no_validation_message(self) -> str:
+        if self.val_sequences == 0:
+            return "no validation sequences: val_sequences=0; set it to null (all) or a positive number"
+        held = []
+        for src, (docs, tokens, how, total_docs) in zip(self.sources, self._val_read):
+            note = " (a source of one document cannot hold one out)" if how == "carved" and total_docs == 1 else ""
+            held.append(f"{src.name!r} holds out {tokens} tokens in {docs} documents ({how}){note}")
+        return (
+            f"no validation sequences of seq_len={self.seq_len}: " + "; ".join(held) + ". Validation needs "
+            f"at least one full sequence: lower seq_len, raise val_fraction or val_tokens, add documents, "
+            f"or give a hub source its own held-out split (val_split)"
+        )
+
+    def _report_dry_sources(self, sizes: list[int], planned: list[float | None], labels: np.ndarray) -> None:
+        """Log every weighted source holding fewer sequences than its share of the planned epoch."""
+        n, T, B = len(labels), self.seq_len, self.batch_size
+        planned_total = sum(c if p is None else p for c, p in zip(self.counts, planned))
+        for i, (src, have, plan) in enumerate(zip(self.sources, sizes, planned)):
+            if plan is None or have >= math.floor(plan + 1e-9):
+                continue
+            where = np.flatnonzero(labels == i)
+            if self.on_exhausted == "stop":
+                at, action = n, f"the epoch ends (planned: {planned_total:,.0f} sequences)"
+            elif self.on_exhausted == "restart":
+                at = int(where[have]) if 0 < have < len(where) else n
+                action = f"it is read again from its start ({self.counts[i] / max(have, 1):.2f} passes per epoch)"
+            else:
+                at = int(where[-1]) + 1 if len(where) else 0
+                action = "the other sources go on with their weights renormalised"
+            log.warning(
+                "data source %r runs dry: it holds %s tokens (%d sequences of %d) but its planned share is %s "
+                "tokens; after %d sequences (%d batches) of each epoch %s (on_exhausted=%s)",
+                src.name, f"{have * T:,}", have, T, f"{plan * T:,.0f}", at, at // B, action, self.on_exhausted,
+            )
 
     def _build_val(self, streams: list[PackedStream]) -> None:
         self.val_dataset = PackedChunks(streams, self.document_mask)
@@ -908,6 +1091,32 @@ class TokenMixDataModule(LightningDataModule):
             warnings.warn("the data module has no validation sequences (too little held-out text for seq_len?)", stacklevel=2)
 
     # ------------------------------------------------------------------ loaders
+
+    def calibration_batch(self, n: int) -> torch.Tensor:
+        """``input_ids`` (at most ``n`` x ``seq_len``) of the first ``n`` training sequences of
+        epoch 0, on every process the same (a data-aware init's calibration batch).
+
+        In-memory sources: the first ``n`` of epoch 0's order (what training sees first, whatever
+        the resume position). Streaming mixtures: the first ``n`` sequences of the mixture before
+        the shuffle buffer. The training order and position are not touched.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"calibration_batch needs n >= 1 sequences, got {n!r}")
+        if self.train_dataset is None:
+            self.setup("fit")
+        if self.streaming:
+            ds = self.train_dataset
+            epoch = ds.epoch
+            try:
+                ds.set_epoch(0)
+                rows = [tokens for _, tokens, _ in itertools.islice(ds.iter_chunks(buffered=False), n)]
+            finally:
+                ds.set_epoch(epoch)
+        else:
+            rows = [self.train_dataset[int(i)]["input_ids"].numpy() for i in self.sampler.epoch_order(0)[:n]]
+        if not rows:
+            raise ValueError("calibration_batch: the training data has no sequence")
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
@@ -934,6 +1143,8 @@ class TokenMixDataModule(LightningDataModule):
         target.rank, target.world_size = rank, world
         if not self.streaming:
             self.sampler.set_rank(rank, world)
+            if self.sampler.batches_per_epoch() == 0:  # setup may have run before the trainer was attached
+                self._raise_no_batch(sum(self.counts), world)
         if self.streaming:
             assert isinstance(self.train_dataset, StreamingMixture)
             loader = ResumableDataLoader(self.train_dataset, batch_size=None, position_target=self.train_dataset, **common)
@@ -968,9 +1179,11 @@ class TokenMixDataModule(LightningDataModule):
     def tokens_per_source(self) -> dict[str, int | None]:
         """Planned training tokens per source per epoch.
 
-        Exact for in-memory sources. Streaming mixtures: the budgets or the weights' shares of
-        ``max_train_tokens`` (an upper bound: a weighted stream running dry ends the epoch
-        early); None when neither is known. Actual counts: sum ``seq_len`` per
+        Exact for in-memory sources (with ``on_exhausted=restart`` a count can exceed what the
+        source holds: it is read again). Streaming mixtures: the budgets or the weights' shares
+        of ``max_train_tokens`` (a plan: a weighted stream that runs dry ends the epoch early,
+        is read again or leaves the others more room, as ``on_exhausted`` says, and is
+        reported in the log); None when neither is known. Actual counts: sum ``seq_len`` per
         ``batch["source_ids"]`` entry.
         """
         if not self.counts:

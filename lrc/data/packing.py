@@ -3,7 +3,9 @@
 Packing convention (used everywhere in :mod:`lrc.data`):
 
 * every document is tokenized **without** special tokens and followed by one
-  ``eos`` token; documents are concatenated into one stream per source
+  ``eos`` token; with ``bos_id`` (see :func:`bos_to_add`) it also starts with one
+  ``bos`` token, unless its text already renders it (chat templates such as
+  Llama-3's); documents are concatenated into one stream per source
   (cross-document packing, no padding);
 * the stream is cut into chunks of **exactly** ``seq_len`` tokens. The model
   computes next-token losses on the shifted chunk internally (``seq_len - 1``
@@ -11,13 +13,21 @@ Packing convention (used everywhere in :mod:`lrc.data`):
   full chunk (fewer than ``seq_len``) are dropped;
 * a chunk's **segment ids** number the documents inside it: 0 for the first
   (possibly partial) document, +1 at every document start inside the chunk.
-  An ``eos`` belongs to the document it ends. Two positions may attend to each
-  other under a document mask iff their segment ids are equal.
+  An ``eos`` belongs to the document it ends, a ``bos`` to the one it starts. Two
+  positions may attend to each other under a document mask iff their segment ids
+  are equal.
 
 Mixing: sources are packed separately, so every chunk belongs to one source.
 :func:`mixture_counts` decides how many chunks each source contributes and
 :func:`interleave` orders them so that every prefix of the mixture holds each
 source's share to within one chunk.
+
+A weighted source can hold fewer chunks than its share of the epoch (``on_exhausted``,
+one of :data:`EXHAUSTED_MODES`): ``stop`` ends the epoch when it runs dry (no chunk is
+repeated), ``restart`` reads it again from its start (the shares hold to the end of the
+epoch, which comes when every weighted source has been read to its end at least once),
+``renormalise`` lets the remaining sources go on with their weights renormalised
+(:func:`renormalised_order`; every chunk is used once).
 """
 
 from __future__ import annotations
@@ -25,20 +35,25 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 __all__ = [
+    "EXHAUSTED_MODES",
+    "Lookahead",
     "OnlineInterleaver",
     "PackedStream",
     "StreamPacker",
+    "bos_to_add",
     "chunk_count",
     "interleave",
     "iter_chunks_from_documents",
     "mixture_counts",
     "pack_documents",
+    "planned_weighted_chunks",
     "position_ids_from_segments",
+    "renormalised_order",
     "segment_ids",
     "seeded_rng",
     "token_dtype",
@@ -57,13 +72,46 @@ def seeded_rng(*keys: int | str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 256) -> list[list[int]]:
-    """Token ids of each text, without special tokens (no bos/eos added)."""
+EXHAUSTED_MODES = ("stop", "restart", "renormalise")
+BOS_MODES = ("auto", True, False)
+
+
+def bos_to_add(tokenizer, add_bos: str | bool = "auto") -> int | None:
+    """The token id to put at every document start, or None.
+
+    ``auto`` follows the tokenizer's own convention: on when encoding with special tokens
+    prepends its ``bos_token`` and that token differs from ``eos`` (Llama-3's
+    ``<|begin_of_text|>``, Llama-2, Gemma, Mistral); off for tokenizers that define a bos
+    token they never add (SmolLM2-Instruct's ``<|im_start|>``) or none at all (Qwen).
+    ``True`` adds the tokenizer's ``bos_token`` (an error when it has none), ``False`` never.
+    """
+    if add_bos not in BOS_MODES or not isinstance(add_bos, (str, bool)):
+        raise ValueError(f"add_bos must be one of auto, true, false; got {add_bos!r}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos is False:
+        return None
+    if add_bos is True:
+        if bos is None:
+            raise ValueError("add_bos=true but the tokenizer has no bos_token")
+        return int(bos)
+    if bos is None or bos == getattr(tokenizer, "eos_token_id", None):
+        return None
+    probe = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return int(bos) if probe and probe[0] == bos else None
+
+
+def tokenize_documents(
+    texts: Sequence[str], tokenizer, batch_size: int = 256, bos_id: int | None = None
+) -> list[list[int]]:
+    """Token ids of each text, without the tokenizer's special tokens; with ``bos_id``, each
+    document starts with it (once: a text that already renders it keeps its own)."""
     out: list[list[int]] = []
     for start in range(0, len(texts), batch_size):
         batch = list(texts[start : start + batch_size])
         if batch:
             out.extend(tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"])
+    if bos_id is not None:
+        out = [ids if ids[:1] == [bos_id] else [bos_id, *ids] for ids in out]
     return out
 
 
@@ -206,11 +254,56 @@ def _largest_remainder(shares: Sequence[float], total: int, caps: Sequence[int])
     return out
 
 
+def _fits(weights: Sequence[float], available: Sequence[int]) -> list[float]:
+    """Epoch size (in chunks of all weighted sources) at which each source would run dry."""
+    wsum = sum(weights)
+    return [a * wsum / w for a, w in zip(available, weights)]
+
+
+def _planned_size(fits: Sequence[float], room: int | None) -> int:
+    """Chunks of the weighted sources in an epoch: ``room`` (what ``total`` leaves them), else
+    enough to read every weighted source to its end at least once."""
+    return int(room) if room is not None else int(math.floor(max(fits) + 1e-9))
+
+
+def _water_fill(weights: Sequence[float], caps: Sequence[int], total: int) -> list[int]:
+    """``total`` items shared by weight, a source that has fewer than its share giving all it has
+    and the others sharing the rest by their renormalised weights."""
+    out = [0] * len(weights)
+    live = list(range(len(weights)))
+    left = int(total)
+    while live:
+        wsum = sum(weights[i] for i in live)
+        full = [i for i in live if left * weights[i] / wsum >= caps[i]]
+        if not full:
+            part = _largest_remainder([weights[i] for i in live], left, [caps[i] for i in live])
+            for i, c in zip(live, part):
+                out[i] = c
+            break
+        for i in full:
+            out[i] = int(caps[i])
+            left -= int(caps[i])
+            live.remove(i)
+    return out
+
+
+def _weighted_counts(weights: list[float], available: list[int], room: int | None, on_exhausted: str) -> list[int]:
+    fits = _fits(weights, available)
+    smallest = int(math.floor(min(fits) + 1e-9))  # the largest epoch in which no source runs dry
+    if on_exhausted == "stop" or smallest >= _planned_size(fits, room):
+        return _largest_remainder(weights, smallest, available)
+    if on_exhausted == "restart":  # counts above what a source has: it is read again
+        return _largest_remainder(weights, _planned_size(fits, room), [1 << 62 if a else 0 for a in available])
+    target = sum(available) if room is None else min(int(room), sum(available))
+    return _water_fill(weights, available, target)
+
+
 def mixture_counts(
     available: Sequence[int],
     weights: Sequence[float | None],
     budgets: Sequence[int | None],
     total: int | None = None,
+    on_exhausted: str = "stop",
 ) -> list[int]:
     """Chunks each source contributes to one epoch.
 
@@ -219,16 +312,26 @@ def mixture_counts(
         weights: mixture weight per source, or None.
         budgets: chunk budget per source (``max_tokens // seq_len``), or None.
         total: optional cap on the total number of chunks (``max_train_tokens // seq_len``).
+        on_exhausted: what a weighted source holding fewer chunks than its share does
+            (:data:`EXHAUSTED_MODES`).
 
-    Rules: a source with a budget contributes ``min(available, budget)``. Sources with a
-    weight share the rest in proportion to their weights, as many chunks as possible
-    without repeating any chunk (the scarcest source, relative to its weight, sets the
-    size). A source with neither contributes everything it has. If ``total`` is exceeded,
-    all counts are scaled down proportionally (largest remainder) to sum to ``total``.
+    Rules: a source with a budget contributes ``min(available, budget)``. A source with
+    neither budget nor weight contributes everything it has. Sources with a weight share
+    the rest in proportion to their weights. Their planned size is what ``total`` leaves
+    them, or (without ``total``) enough to read each of them to its end at least once.
+    When a source holds less than its share of that plan: ``stop`` shrinks the epoch to
+    the largest one in which no chunk repeats (the scarcest source, relative to its
+    weight, sets the size); ``restart`` keeps the plan, so a count may exceed what a
+    source has (its chunks are repeated); ``renormalise`` takes all of a scarce source
+    and shares the rest among the others by their weights (no chunk repeats). When no
+    source runs short, the three agree. If ``total`` is exceeded, all counts are scaled
+    down proportionally (largest remainder) to sum to ``total``.
     """
     n = len(available)
     if not (len(weights) == len(budgets) == n):
         raise ValueError("available, weights and budgets must have the same length")
+    if on_exhausted not in EXHAUSTED_MODES:
+        raise ValueError(f"on_exhausted must be one of {EXHAUSTED_MODES}, got {on_exhausted!r}")
     counts = [0] * n
     weighted = [i for i in range(n) if weights[i] is not None and budgets[i] is None]
     for i in range(n):
@@ -237,15 +340,56 @@ def mixture_counts(
         elif weights[i] is None:
             counts[i] = int(available[i])
     if weighted:
-        wsum = sum(float(weights[i]) for i in weighted)
-        size = min(available[i] * wsum / float(weights[i]) for i in weighted)
-        size = int(math.floor(size + 1e-9))
-        part = _largest_remainder([float(weights[i]) for i in weighted], size, [int(available[i]) for i in weighted])
+        room = None if total is None else max(0, int(total) - sum(counts))
+        part = _weighted_counts([float(weights[i]) for i in weighted], [int(available[i]) for i in weighted],
+                                room, on_exhausted)
         for i, c in zip(weighted, part):
             counts[i] = c
     if total is not None and sum(counts) > total:
         counts = _largest_remainder(counts, int(total), counts)
     return counts
+
+
+def planned_weighted_chunks(
+    available: Sequence[int],
+    weights: Sequence[float | None],
+    budgets: Sequence[int | None],
+    total: int | None = None,
+) -> list[float | None]:
+    """Each weighted source's share of the planned epoch in chunks (see :func:`mixture_counts`),
+    before any source runs dry; None for sources without a weight. A source with fewer
+    ``available`` chunks than this runs dry."""
+    n = len(available)
+    weighted = [i for i in range(n) if weights[i] is not None and budgets[i] is None]
+    out: list[float | None] = [None] * n
+    if not weighted:
+        return out
+    fixed = sum(min(int(available[i]), int(budgets[i])) if budgets[i] is not None else int(available[i])
+                for i in range(n) if i not in weighted)
+    w = [float(weights[i]) for i in weighted]
+    room = None if total is None else max(0, int(total) - fixed)
+    size = _planned_size(_fits(w, [int(available[i]) for i in weighted]), room)
+    for i, wi in zip(weighted, w):
+        out[i] = size * wi / sum(w)
+    return out
+
+
+def renormalised_order(counts: Sequence[int], shares: Sequence[float], seed: int = 0) -> np.ndarray:
+    """Source label of each position of an epoch in which source ``i`` gives exactly
+    ``counts[i]`` items, mixed by ``shares``; when a source has given all its items, the
+    others go on with their shares renormalised (:meth:`OnlineInterleaver.drop`)."""
+    left = [int(c) for c in counts]
+    mixer = OnlineInterleaver([float(x) if c > 0 else 0.0 for x, c in zip(shares, left)], seed=seed)
+    out = np.empty(sum(left), dtype=np.int64)
+    for t in range(len(out)):
+        i = mixer.next()
+        if i is None:
+            raise ValueError("renormalised_order: a source with items left has no share")
+        out[t] = i
+        left[i] -= 1
+        if left[i] == 0:
+            mixer.drop(i)
+    return out
 
 
 def interleave(counts: Sequence[int], seed: int = 0) -> np.ndarray:
@@ -282,7 +426,8 @@ def interleave(counts: Sequence[int], seed: int = 0) -> np.ndarray:
 class OnlineInterleaver:
     """The :func:`interleave` rule for streams of unknown length: call :meth:`next` per item.
 
-    ``shares`` are normalised weights; ``exclude(i)`` removes an exhausted source.
+    ``shares`` are normalised weights; ``exclude(i)`` removes a source, ``drop(i)`` removes
+    it and renormalises the others.
     """
 
     def __init__(self, shares: Sequence[float], seed: int = 0) -> None:
@@ -305,8 +450,40 @@ class OnlineInterleaver:
         return best
 
     def exclude(self, i: int) -> None:
+        """Stop picking source ``i``; the others keep their shares of the whole stream."""
         if i in self.live:
             self.live.remove(i)
+
+    def drop(self, i: int) -> None:
+        """Stop picking source ``i`` and renormalise the others' shares: a new phase starts, in
+        which every prefix holds the renormalised shares to within one item."""
+        self.exclude(i)
+        total = sum(self.shares[j] for j in self.live)
+        self.shares = [self.shares[j] / total if j in self.live and total > 0 else 0.0 for j in range(len(self.shares))]
+        self.taken = [0] * len(self.shares)
+        self.t = 0
+
+
+class Lookahead:
+    """An iterator that knows, after each item, whether another one follows (``done``)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = items
+        self._next = next(items, self._END)
+
+    @property
+    def done(self) -> bool:
+        return self._next is self._END
+
+    def pop(self) -> Any:
+        """The next item, or None at the end."""
+        item = self._next
+        if item is self._END:
+            return None
+        self._next = next(self._items, self._END)
+        return item
 
 
 def iter_chunks_from_documents(

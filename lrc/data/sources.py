@@ -18,7 +18,10 @@ rendering its list of messages with the tokenizer's chat template
 (``{"from": "human", "value": ...}``, see :data:`SHAREGPT`).
 
 :func:`validate_source` checks a source before any work and raises one clear
-``ValueError``/``FileNotFoundError`` naming the source and the problem.
+``ValueError``/``FileNotFoundError`` naming the source and the problem. A bad row met
+later (invalid JSON or UTF-8, a missing or malformed field) raises one ``ValueError``
+naming the source, the file and line (JSON lines, text), element (a JSON array) or row
+(parquet, hub), and the field.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ __all__ = [
     "FILTER_OPS",
     "KINDS",
     "LOCAL_KINDS",
+    "RowError",
     "SHAREGPT",
     "SourceConfig",
     "apply_filters",
     "get_field",
     "iter_documents",
+    "iter_located_rows",
     "iter_rows",
     "normalize_messages",
     "override_sources",
@@ -85,6 +90,9 @@ class SourceConfig:
         filters: ``{field: {"min"|"max"|"equals"|"in": value}}``; a row is kept when all hold.
         weight: mixture weight (mutually exclusive with ``max_tokens``).
         max_tokens: token budget for this source (mutually exclusive with ``weight``).
+        unique_tokens: declared, not measured: distinct tokens this source offers the run (e.g.
+            the paper's 10B of Fineweb-Edu). lrc-distill refuses a run whose planned tokens exceed
+            ``max_data_epochs`` times the sum over the sources, when every source declares it.
         streaming: read lazily and pack on the fly instead of caching packed arrays.
         sample_by: for ``text`` files: one document per ``document`` (file),
             ``paragraph`` (blank-line separated) or ``line``.
@@ -104,6 +112,7 @@ class SourceConfig:
     filters: dict[str, dict[str, Any]] | None = None
     weight: float | None = None
     max_tokens: int | None = None
+    unique_tokens: int | None = None
     streaming: bool = False
     sample_by: str = "document"
     revision: str | None = None
@@ -149,6 +158,23 @@ class SourceConfig:
 # --------------------------------------------------------------------------- row helpers
 
 
+class RowError(ValueError):
+    """A problem with one row (bad bytes, bad JSON, a missing or malformed field).
+
+    ``where`` is the row's place (``"<file>, line 101"``, ``"<file>, row 101"``) when the
+    reader knows it; :func:`iter_located_rows` and :func:`iter_documents` add the source
+    name and the place to the message.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+def _located(src: SourceConfig, err: RowError, where: str | None = None) -> ValueError:
+    return ValueError(f"data source {src.name!r}: {err.where or where}: {err}")
+
+
 def get_field(row: Mapping[str, Any], dotted: str) -> Any:
     """``row["a"]["b"]`` for ``"a.b"``; raises ``KeyError`` naming the missing part."""
     cur: Any = row
@@ -167,8 +193,22 @@ def _has_field(row: Mapping[str, Any], dotted: str) -> bool:
         return False
 
 
+def _passes(value: Any, spec: Mapping[str, Any]) -> bool:
+    if "min" in spec and not value >= spec["min"]:
+        return False
+    if "max" in spec and not value <= spec["max"]:
+        return False
+    if "equals" in spec and value != spec["equals"]:
+        return False
+    return not ("in" in spec and value not in spec["in"])
+
+
 def apply_filters(row: Mapping[str, Any], filters: Mapping[str, Mapping[str, Any]] | None) -> bool:
-    """True when the row passes every filter (a missing or null field fails)."""
+    """True when the row passes every filter (a missing or null field fails).
+
+    A value that cannot be compared with the filter (a string against ``min: 4``) raises
+    :class:`RowError` naming the field.
+    """
     if not filters:
         return True
     for fld, spec in filters.items():
@@ -178,33 +218,34 @@ def apply_filters(row: Mapping[str, Any], filters: Mapping[str, Mapping[str, Any
             return False
         if value is None:
             return False
-        if "min" in spec and not value >= spec["min"]:
-            return False
-        if "max" in spec and not value <= spec["max"]:
-            return False
-        if "equals" in spec and value != spec["equals"]:
-            return False
-        if "in" in spec and value not in spec["in"]:
-            return False
+        try:
+            if not _passes(value, spec):
+                return False
+        except TypeError:
+            raise RowError(f"filter field {fld!r} holds {value!r:.80}, which cannot be compared with {dict(spec)}") from None
     return True
 
 
 def normalize_messages(messages: Any, src: SourceConfig) -> list[dict[str, str]]:
-    """Map a row's messages to ``[{"role", "content"}]`` using ``message_keys``/``role_map``."""
+    """Map a row's messages to ``[{"role", "content"}]`` using ``message_keys``/``role_map``.
+
+    Raises :class:`RowError` naming the field when the messages have another shape.
+    """
+    fld = src.messages_field
     if isinstance(messages, str):  # some datasets store the conversation as a JSON string
-        messages = json.loads(messages)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"messages_field {fld!r} holds a string that is not JSON ({exc.msg})") from None
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(
-            f"data source {src.name!r}: field {src.messages_field!r} must hold a list of messages, "
-            f"got {type(messages).__name__}"
-        )
+        raise RowError(f"messages_field {fld!r} must hold a list of messages, got {type(messages).__name__}")
     keys = {"role": "role", "content": "content", **(src.message_keys or {})}
     roles = src.role_map or {}
     out = []
-    for m in messages:
+    for n, m in enumerate(messages, 1):
         if not isinstance(m, Mapping) or keys["role"] not in m or keys["content"] not in m:
-            raise ValueError(
-                f"data source {src.name!r}: each message needs keys {keys['role']!r} and {keys['content']!r} "
+            raise RowError(
+                f"message {n} of messages_field {fld!r} needs keys {keys['role']!r} and {keys['content']!r} "
                 f"(set message_keys for other schemas); got {m!r:.200}"
             )
         role = m[keys["role"]]
@@ -217,17 +258,47 @@ def render_messages(messages: list[dict[str, str]], tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def _field_names(row: Any) -> Any:
+    return sorted(row) if isinstance(row, Mapping) else f"none (the row is a {type(row).__name__})"
+
+
+def _require_field(row: Mapping[str, Any], src: SourceConfig) -> Any:
+    fld = src.messages_field or src.text_field
+    try:
+        return get_field(row, fld)
+    except KeyError:
+        kind = "messages_field" if src.messages_field else "text_field"
+        raise RowError(f"{kind} {fld!r} not found; available fields: {_field_names(row)}") from None
+
+
 def row_to_text(row: Mapping[str, Any], src: SourceConfig, tokenizer=None) -> str:
-    """The training text of one row: ``text_field``, or rendered ``messages_field``."""
+    """The training text of one row: ``text_field``, or rendered ``messages_field``.
+
+    A null text is ``""`` (the row is skipped); a missing field, a text that is not a string
+    or messages of the wrong shape raise :class:`RowError` naming the field.
+    """
+    if src.messages_field and tokenizer is None:
+        raise ValueError(f"data source {src.name!r}: rendering messages needs a tokenizer")
+    value = _require_field(row, src)
     if src.messages_field:
-        if tokenizer is None:
-            raise ValueError(f"data source {src.name!r}: rendering messages needs a tokenizer")
-        return render_messages(normalize_messages(get_field(row, src.messages_field), src), tokenizer)
-    value = get_field(row, src.text_field)
-    return "" if value is None else str(value)
+        messages = normalize_messages(value, src)
+        try:
+            return render_messages(messages, tokenizer)
+        except Exception as exc:  # jinja errors of the template (roles that do not alternate, ...)
+            raise RowError(f"the chat template failed on messages_field {src.messages_field!r}: {exc}") from None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"text_field {src.text_field!r} must hold a string, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------- readers
+#
+# Every reader yields ``(place, row)``: the place names the file and the line (JSON lines,
+# text), the element (a JSON array) or the row (parquet, hub), so that an error in row 101
+# says where it is. Files are read as bytes and decoded line by line, which pins a bad
+# UTF-8 byte to its line.
 
 
 def resolve_files(src: SourceConfig) -> list[Path]:
@@ -256,62 +327,90 @@ def resolve_files(src: SourceConfig) -> list[Path]:
     return unique
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _iter_json_file(path: Path) -> Iterator[dict]:
-    with _open_text(path) as fh:
-        first = ""
-        while not first:
-            ch = fh.read(1)
-            if not ch:
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    """UTF-8 text of ``raw``, whose first byte is on ``line`` of ``path``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = line + raw.count(b"\n", 0, exc.start)
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RowError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})",
+                       f"{path}, line {bad_line}") from None
+
+
+def _parse_json(text: str, where: str, line_offset: int = 0) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if line_offset:  # a multi-line document: name the line of the error
+            where = where.rsplit(", line", 1)[0] + f", line {line_offset + exc.lineno - 1}"
+        raise RowError(f"invalid JSON ({exc.msg}: column {exc.colno})", where) from None
+
+
+def _iter_json_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a JSON-lines file, or of a file holding one JSON array of objects."""
+    with _open_binary(path) as fh:
+        first = True
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            if first and raw.lstrip().startswith(b"["):  # a JSON array of objects
+                data = raw + fh.read()
+                rows = _parse_json(_decode(data, path, lineno), where, line_offset=lineno)
+                for k, row in enumerate(rows, 1):
+                    yield f"{path}, element {k}", row
                 return
-            if not ch.isspace():
-                first = ch
-        if first == "[":  # a JSON array of objects
-            data = json.loads(first + fh.read())
-            yield from data
-            return
-        line = first + fh.readline()
-        yield json.loads(line)
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+            first = False
+            yield where, _parse_json(_decode(raw.rstrip(b"\r\n"), path, lineno), where)
 
 
-def _iter_parquet_file(path: Path, columns: list[str] | None) -> Iterator[dict]:
+def _iter_parquet_file(path: Path, columns: list[str] | None) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
-        yield from batch.to_pylist()
+    n = 0
+    try:
+        pf = pq.ParquetFile(path)
+        if columns is not None and not set(columns) <= set(pf.schema_arrow.names):
+            columns = None  # read everything: the field check then lists what the file has
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path}, row {n}", row
+    except (pa.ArrowException, OSError) as exc:
+        raise RowError(f"cannot read as parquet: {exc}", f"{path}, row {n + 1}" if n else str(path)) from None
 
 
-def _iter_text_file(path: Path, sample_by: str) -> Iterator[dict]:
-    with _open_text(path) as fh:
-        if sample_by == "line":
-            for line in fh:
-                line = line.rstrip("\n")
+def _iter_text_file(path: Path, sample_by: str) -> Iterator[tuple[str, dict]]:
+    if sample_by == "line":
+        with _open_binary(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, path, lineno).rstrip("\r\n")
                 if line.strip():
-                    yield {"text": line}
-            return
-        content = fh.read()
+                    yield f"{path}, line {lineno}", {"text": line}
+        return
+    with _open_binary(path) as fh:
+        content = _decode(fh.read(), path, 1).replace("\r\n", "\n").replace("\r", "\n")
     if sample_by == "document":
         if content.strip():
-            yield {"text": content}
+            yield str(path), {"text": content}
         return
     para: list[str] = []
-    for line in content.splitlines():
+    start = 0
+    for lineno, line in enumerate(content.splitlines(), 1):
         if line.strip():
+            start = start if para else lineno
             para.append(line)
         elif para:
-            yield {"text": "\n".join(para)}
+            yield f"{path}, line {start}", {"text": "\n".join(para)}
             para = []
     if para:
-        yield {"text": "\n".join(para)}
+        yield f"{path}, line {start}", {"text": "\n".join(para)}
 
 
 def _needed_columns(src: SourceConfig) -> list[str]:
@@ -320,7 +419,7 @@ def _needed_columns(src: SourceConfig) -> list[str]:
     return sorted(cols)
 
 
-def _iter_local_rows(src: SourceConfig, files: Sequence[Path]) -> Iterator[dict]:
+def _iter_local_rows(src: SourceConfig, files: Sequence[Path]) -> Iterator[tuple[str, Any]]:
     for path in files:
         if src.kind == "jsonl":
             yield from _iter_json_file(path)
@@ -344,22 +443,64 @@ def _embedded_files(src: SourceConfig, cache_dir: str | os.PathLike | None):
     return build_embedded_corpus(cache_dir, roots=src.paths or None)
 
 
-def _check_first_row(src: SourceConfig, row: Mapping[str, Any], where: str) -> None:
-    field_name = src.messages_field or src.text_field
-    if not _has_field(row, field_name):
-        kind = "messages_field" if src.messages_field else "text_field"
-        raise ValueError(
-            f"data source {src.name!r}: {kind} {field_name!r} not found in the first row of {where}; "
-            f"available fields: {sorted(row)}"
-        )
+def _check_first_row(src: SourceConfig, row: Any) -> None:
+    """The text (or messages) field and every filter field exist (a typo would drop every row)."""
+    if not isinstance(row, Mapping):
+        raise RowError(f"expected an object with fields, got {type(row).__name__}")
+    value = _require_field(row, src)
     if src.messages_field:
-        normalize_messages(get_field(row, src.messages_field), src)
+        normalize_messages(value, src)
     for fld in src.filters or {}:
         if not _has_field(row, fld):
-            raise ValueError(
-                f"data source {src.name!r}: filter field {fld!r} not found in the first row of {where}; "
-                f"available fields: {sorted(row)}"
-            )
+            raise RowError(f"filter field {fld!r} not found; available fields: {_field_names(row)}")
+
+
+def _raw_rows(src: SourceConfig, split: str, cache_dir) -> Iterator[tuple[str, Any]]:
+    if src.kind in LOCAL_KINDS:
+        return _iter_local_rows(src, resolve_files(src))
+    if src.kind == "embedded":
+        corpus = _embedded_files(src, cache_dir)
+        return _iter_json_file(corpus.split("validation" if split == "validation" else "train"))
+    if src.kind == "hub":
+        where = f"hub dataset {src.path!r} ({src.config_name}, {split})"
+        return ((f"{where}, row {n}", row) for n, row in enumerate(_load_hub(src, split), 1))
+    raise ValueError(f"data source {src.name!r}: unknown kind {src.kind!r}; expected one of {KINDS}")
+
+
+def iter_located_rows(
+    src: SourceConfig,
+    split: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    apply_row_filters: bool = True,
+) -> Iterator[tuple[str, dict]]:
+    """``(place, row)`` of the rows of ``src`` (after its filters), in a deterministic order.
+
+    ``split`` defaults to ``src.split``; for ``embedded`` it is ``train`` or ``validation``.
+    The first row is checked for the text/messages/filter fields. Any bad row raises one
+    ``ValueError`` naming the source, the file and line (or row) and the field.
+    """
+    rows = _raw_rows(src, split or src.split, cache_dir)
+    first = True
+    while True:
+        try:
+            item = next(rows, None)
+        except RowError as err:  # bad bytes or JSON: the reader knows the place
+            raise _located(src, err) from None
+        if item is None:
+            return
+        where, row = item
+        try:
+            if first:
+                _check_first_row(src, row)
+            elif not isinstance(row, Mapping):
+                raise RowError(f"expected an object with fields, got {type(row).__name__}")
+            keep = not apply_row_filters or apply_filters(row, src.filters)
+        except RowError as err:
+            raise _located(src, err, where) from None
+        first = False
+        if keep:
+            yield where, row
 
 
 def iter_rows(
@@ -369,34 +510,9 @@ def iter_rows(
     cache_dir: str | os.PathLike | None = None,
     apply_row_filters: bool = True,
 ) -> Iterator[dict]:
-    """Rows of ``src`` (after its filters), in a deterministic order.
-
-    ``split`` defaults to ``src.split``; for ``embedded`` it is ``train`` or ``validation``.
-    The first row is checked for the text/messages/filter fields.
-    """
-    split = split or src.split
-    if src.kind in LOCAL_KINDS:
-        files = resolve_files(src)
-        rows: Iterator[dict] = _iter_local_rows(src, files)
-        where = str(files[0])
-    elif src.kind == "embedded":
-        from lrc.data.corpus import read_jsonl
-
-        corpus = _embedded_files(src, cache_dir)
-        rows = read_jsonl(corpus.split("validation" if split == "validation" else "train"))
-        where = f"the embedded corpus ({split})"
-    elif src.kind == "hub":
-        rows = iter(_load_hub(src, split))
-        where = f"hub dataset {src.path!r} ({src.config_name}, {split})"
-    else:
-        raise ValueError(f"data source {src.name!r}: unknown kind {src.kind!r}; expected one of {KINDS}")
-    first = True
-    for row in rows:
-        if first and src.kind != "embedded":
-            _check_first_row(src, row, where)
-        first = False
-        if not apply_row_filters or apply_filters(row, src.filters):
-            yield row
+    """Rows of ``src`` (after its filters); see :func:`iter_located_rows`."""
+    for _, row in iter_located_rows(src, split, cache_dir=cache_dir, apply_row_filters=apply_row_filters):
+        yield row
 
 
 def iter_documents(
@@ -406,9 +522,16 @@ def iter_documents(
     *,
     cache_dir: str | os.PathLike | None = None,
 ) -> Iterator[str]:
-    """Training texts of ``src`` (filtered rows, messages rendered), skipping empty ones."""
-    for row in iter_rows(src, split, cache_dir=cache_dir):
-        text = row_to_text(row, src, tokenizer)
+    """Training texts of ``src`` (filtered rows, messages rendered), skipping empty ones.
+
+    A row whose field is missing or malformed raises one ``ValueError`` naming the source,
+    the file and line (or row) and the field.
+    """
+    for where, row in iter_located_rows(src, split, cache_dir=cache_dir):
+        try:
+            text = row_to_text(row, src, tokenizer)
+        except RowError as err:
+            raise _located(src, err, where) from None
         if text:
             yield text
 
@@ -440,19 +563,13 @@ def _validate_filters(src: SourceConfig) -> None:
             raise ValueError(f"data source {src.name!r}: filter on {fld!r} has min > max")
 
 
-def _first_row_local(src: SourceConfig, path: Path) -> dict | None:
-    if src.kind == "parquet":  # all columns, so a missing one gets the field error below
-        rows: Iterator[dict] = _iter_parquet_file(path, None)
-    else:
-        rows = _iter_local_rows(src, [path])
+def _first_row_local(src: SourceConfig, path: Path) -> tuple[str, Any] | None:
+    # parquet: all columns, so a missing one gets the field error that lists the others
+    rows = _iter_parquet_file(path, None) if src.kind == "parquet" else _iter_local_rows(src, [path])
     try:
-        return next(rows)
-    except StopIteration:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"data source {src.name!r}: cannot parse {str(path)!r}: {exc}") from exc
-    except Exception as exc:  # pyarrow errors for non-parquet files
-        raise ValueError(f"data source {src.name!r}: cannot read {str(path)!r} as {src.kind}: {exc}") from exc
+        return next(rows, None)
+    except RowError as err:
+        raise _located(src, err) from None
 
 
 def validate_source(src: SourceConfig, tokenizer=None, *, check_data: bool = True) -> None:
@@ -478,12 +595,20 @@ def validate_source(src: SourceConfig, tokenizer=None, *, check_data: bool = Tru
     if src.max_tokens is not None and (isinstance(src.max_tokens, bool) or not isinstance(src.max_tokens, int)
                                        or src.max_tokens <= 0):
         raise ValueError(f"data source {src.name!r}: max_tokens must be a positive integer, got {src.max_tokens!r}")
+    if src.unique_tokens is not None and (isinstance(src.unique_tokens, bool) or not isinstance(src.unique_tokens, int)
+                                          or src.unique_tokens <= 0):
+        raise ValueError(f"data source {src.name!r}: unique_tokens must be a positive integer, got {src.unique_tokens!r}")
     if src.sample_by not in TEXT_SAMPLE_BY:
         raise ValueError(f"data source {src.name!r}: sample_by must be one of {TEXT_SAMPLE_BY}, got {src.sample_by!r}")
     if src.kind == "text" and (src.messages_field or src.text_field != "text"):
         raise ValueError(f"data source {src.name!r}: text files have a single field 'text' (no messages_field)")
     if src.kind == "embedded" and src.messages_field:
         raise ValueError(f"data source {src.name!r}: the embedded corpus has no messages")
+    if src.val_split is not None and src.kind != "hub":  # local files have no splits: it would be the training data
+        raise ValueError(
+            f"data source {src.name!r} ({src.kind}): val_split names a hub split; a {src.kind} source has none "
+            f"(it would validate on the training files): hold out with val_fraction or val_tokens instead"
+        )
     _validate_filters(src)
     for opt in ("message_keys", "role_map"):
         val = getattr(src, opt)
@@ -510,11 +635,14 @@ def validate_source(src: SourceConfig, tokenizer=None, *, check_data: bool = Tru
     for path in files:
         if path.stat().st_size == 0:
             raise ValueError(f"data source {src.name!r} ({src.kind}): file {str(path)!r} is empty")
-        row = _first_row_local(src, path)
-        if row is None:
+        first = _first_row_local(src, path)
+        if first is None:
             raise ValueError(f"data source {src.name!r} ({src.kind}): file {str(path)!r} has no rows")
         if src.kind != "text":
-            _check_first_row(src, row, repr(str(path)))
+            try:
+                _check_first_row(src, first[1])
+            except RowError as err:
+                raise _located(src, err, first[0]) from None
 
 
 def override_sources(

@@ -169,5 +169,14 @@ def teacher_io_weights(teacher: nn.Module) -> dict[str, torch.Tensor | None]:
 
 
 def teacher_rotary(teacher: nn.Module) -> nn.Module:
-    """The teacher's own rotary-embedding module (Llama-3 rope scaling included)."""
-    return teacher.model.rotary_emb
+    """The teacher's own rotary-embedding module (Llama-3 rope scaling included).
+
+    transformers keeps the inverse frequencies in fp32 whatever the weights' dtype, and the exported
+    student is reloaded that way. ``teacher.to(torch.bfloat16)`` casts them too, which shifts the
+    angles by radians at long positions; in that case a fresh module of the same class is built from
+    the teacher's config (fp32 frequencies, as a bf16 ``from_pretrained`` has them)."""
+    rotary = teacher.model.rotary_emb
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or inv_freq.dtype == torch.float32:
+        return rotary
+    return type(rotary)(config=teacher.config).to(inv_freq.device)

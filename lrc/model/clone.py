@@ -20,8 +20,14 @@ from lrc.model.adapters import (
 )
 from lrc.model.config import CloneConfig
 from lrc.model.functional import AttentionShape, attention_mask_for, position_ids_for
-from lrc.model.init import get_projection_init
+from lrc.model.init import Calibration, get_projection_init, init_calibrator, init_requires_untied_head
 from lrc.model.layers import CloneDecoderLayer, CloneEmbeddings
+
+
+def _zero_init(param: torch.Tensor, ctx: Any) -> None:
+    """Placeholder for a clone whose trainable tensors come from a checkpoint."""
+    with torch.no_grad():
+        param.zero_()
 
 
 @dataclass
@@ -61,9 +67,11 @@ class LowRankClone(nn.Module):
         config: CloneConfig,
         tokenizer: Any = None,
         generation_config: Any = None,
+        calibration: Calibration | None = None,
+        restoring: bool = False,
     ) -> None:
         super().__init__()
-        config.validate(arch.hidden_size, arch.num_layers)
+        config.validate_for(teacher_config)
         self.arch = arch
         self.config = config
         self.teacher_config = teacher_config
@@ -72,13 +80,17 @@ class LowRankClone(nn.Module):
         self.student_layers = config.kept_layers(arch.num_layers)
         self.student_eps = arch.rms_norm_eps if config.rms_norm_eps is None else config.rms_norm_eps
         tie = arch.tied_embeddings if config.tie_head_projection is None else config.tie_head_projection
+        if config.tie_head_projection is None and init_requires_untied_head(config.init):
+            tie = False  # e.g. "pca": the head's projection carries the final norm's gain
+        data = {} if calibration is None else calibration.data
 
-        init = get_projection_init(config.init)
+        init = _zero_init if restoring else get_projection_init(config.init)
         gen = torch.Generator().manual_seed(config.seed)
         shape = AttentionShape(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.attn_scaling)
         param_dtype = config.torch_param_dtype()
         self.io = CloneEmbeddings(
-            io_weights, config.rank, arch.rms_norm_eps, self.student_eps, tie, init, config.init_std, gen, param_dtype
+            io_weights, config.rank, arch.rms_norm_eps, self.student_eps, tie, init, config.init_std, gen, param_dtype,
+            calibration=data,
         )
         kept = set(self.student_layers)
         self.layers = nn.ModuleList(
@@ -95,19 +107,55 @@ class LowRankClone(nn.Module):
                 init_std=config.init_std,
                 generator=gen,
                 param_dtype=param_dtype,
+                calibration=data,
             )
             for i, w in enumerate(layer_weights)
         )
         self.rotary = rotary
+        if calibration is not None:
+            self._set_gains(calibration.gains)
+
+    def _set_gains(self, gains: dict[str, float | torch.Tensor]) -> None:
+        """Student RMSNorm gains from a calibration (names the student lacks are ignored)."""
+        with torch.no_grad():
+            for name, p in self.named_student_norms():
+                if name in gains:
+                    p.copy_(torch.as_tensor(gains[name], dtype=p.dtype).expand_as(p))
 
     @classmethod
-    def from_teacher(cls, teacher: nn.Module, config: CloneConfig, tokenizer: Any = None) -> "LowRankClone":
+    def from_teacher(
+        cls,
+        teacher: nn.Module,
+        config: CloneConfig,
+        tokenizer: Any = None,
+        *,
+        calibration_ids: torch.Tensor | None = None,
+        restoring: bool = False,
+    ) -> "LowRankClone":
         """Clone a loaded transformers causal LM (Llama / Qwen2 / Qwen3). Its weights are shared,
-        not copied, and frozen; ``tokenizer`` (optional) is saved beside exported students."""
+        not copied, and frozen; ``tokenizer`` (optional) is saved beside exported students.
+
+        ``calibration_ids`` (sequences x tokens of training data) feed a data-aware init such as
+        ``init="pca"``, which requires them; inits that need no data ignore them.
+        ``restoring=True``: the trainable tensors are about to be loaded from a checkpoint, so no
+        init runs (projections start at zero, gains at one) and no calibration data is needed.
+        """
         arch = teacher_arch(teacher)  # raises ValueError for unsupported teachers
-        config.validate(arch.hidden_size, arch.num_layers)
+        config.validate_for(teacher.config)
+        calibrate = init_calibrator(config.init)
+        if restoring:
+            calibrate = None
+        if calibrate is not None and calibration_ids is None:
+            raise ValueError(
+                f"CloneConfig.init={config.init!r} needs calibration data: pass calibration_ids=<(sequences, tokens) "
+                "token ids of training data> to LowRankClone.from_teacher"
+            )
         for p in teacher.parameters():
             p.requires_grad_(False)
+        calibration = None
+        if calibrate is not None:
+            eps = arch.rms_norm_eps if config.rms_norm_eps is None else config.rms_norm_eps
+            calibration = calibrate(teacher, calibration_ids, rank=config.rank, student_eps=eps)
         return cls(
             arch,
             copy.deepcopy(teacher.config),
@@ -117,6 +165,8 @@ class LowRankClone(nn.Module):
             config,
             tokenizer=tokenizer,
             generation_config=copy.deepcopy(getattr(teacher, "generation_config", None)),
+            calibration=calibration,
+            restoring=restoring,
         )
 
     # ------------------------------------------------------------------------------- forward

@@ -7,7 +7,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from lrc.model.init import ProjectionInit, get_projection_init
+from lrc.model.init import ProjectionInit, get_projection_init, init_requires_untied_head
 
 SHARING_MODES = ("all", "io")
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "teacher": None}
@@ -15,15 +15,19 @@ PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @dataclass
 class CloneConfig:
-    """Student definition. Validated against the teacher by :meth:`resolve`.
+    """Student definition. Validated against the teacher by :meth:`validate_for`.
 
-    rank:               student hidden size d, 1 <= d <= teacher hidden size D.
+    rank:               student hidden size d, 1 <= d <= teacher hidden size D, and one that
+                        transformers accepts for the export (Llama: a multiple of the head count).
     attn_sharing:       "all" = separate Pq, Pk, Pv (paper default); "io" = one shared Pqkv.
     ffn_sharing:        "all" = separate Pgate, Pup; "io" = one shared Pgate_up.
-    tie_head_projection: Phead = Pembed. ``None`` = tie exactly when the teacher ties its head.
+    tie_head_projection: Phead = Pembed. ``None`` = tie exactly when the teacher ties its head
+                        (never with an init that needs its own head projection, like "pca").
     layers:             teacher layer indices the student keeps (``None`` = all).
     layer_stride:       keep every k-th teacher layer (0, k, 2k, ...); exclusive with ``layers``.
-    init:               registered initialiser name (see :mod:`lrc.model.init`) or a callable.
+    init:               registered initialiser name (see :mod:`lrc.model.init`) or a callable;
+                        "pca" (:mod:`lrc.model.pca`) needs calibration data.
+    init_calibration_sequences: training sequences the trainer hands a data-aware init ("pca").
     init_std:           standard deviation for the "normal" initialiser (reference: 0.02).
     seed:               seed of the projection initialisation.
     rms_norm_eps:       student RMSNorm epsilon (``None`` = the teacher's); written to the export.
@@ -39,6 +43,7 @@ class CloneConfig:
     layer_stride: int | None = None
     init: str | ProjectionInit = "normal"
     init_std: float = 0.02
+    init_calibration_sequences: int = 16
     seed: int = 0
     rms_norm_eps: float | None = None
     param_dtype: str = "float32"
@@ -85,7 +90,25 @@ class CloneConfig:
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"CloneConfig.param_dtype must be one of {sorted(PARAM_DTYPES)}, got {self.param_dtype!r}")
         get_projection_init(self.init)
+        if self.tie_head_projection and init_requires_untied_head(self.init):
+            raise ValueError(
+                f"CloneConfig.init={self.init!r} gives the head a projection of its own: set "
+                "tie_head_projection to false or null, not true"
+            )
+        n = self.init_calibration_sequences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"CloneConfig.init_calibration_sequences must be an integer >= 1, got {n!r}")
         self.kept_layers(num_teacher_layers)
+
+    def validate_for(self, teacher_config: Any) -> None:
+        """:meth:`validate` against a transformers teacher config (no weights needed), and check that
+        transformers accepts the exported student of this rank (see
+        :func:`lrc.model.export.check_exportable_rank`): a rank that cannot be exported is refused
+        before any training, naming the nearest ranks that can."""
+        from lrc.model.export import check_exportable_rank
+
+        self.validate(int(teacher_config.hidden_size), int(teacher_config.num_hidden_layers))
+        check_exportable_rank(teacher_config, self.rank)
 
     def torch_param_dtype(self) -> torch.dtype | None:
         """The trainable tensors' dtype (``None`` = the teacher's)."""

@@ -10,15 +10,15 @@ explicit ``head_dim``, the kept layers only, the training RMSNorm epsilon and
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from lrc.io import atomic_directory
 
 if TYPE_CHECKING:
     from lrc.model.clone import LowRankClone
@@ -47,24 +47,72 @@ _HF_KEYS = {
 
 def student_config(clone: "LowRankClone"):
     """The student's transformers config, derived from the teacher's."""
-    arch = clone.arch
-    cfg = clone.teacher_config.to_dict()
-    n = len(clone.student_layers)
-    cfg.update(
-        hidden_size=clone.config.rank,
-        head_dim=arch.head_dim,
-        num_hidden_layers=n,
+    return student_config_for(
+        clone.teacher_config,
+        clone.config.rank,
+        layers=clone.student_layers,
         rms_norm_eps=clone.student_eps,
-        tie_word_embeddings=clone.io.student_tied,
+        tied=clone.io.student_tied,
     )
+
+
+def student_config_for(
+    teacher_config, rank: int, *, layers: list[int] | None = None, rms_norm_eps: float | None = None,
+    tied: bool | None = None,
+):
+    """The teacher's transformers config with ``hidden_size = rank``, an explicit ``head_dim``, the
+    kept ``layers`` (default: all), ``rms_norm_eps`` (default: the teacher's) and ``tied`` embeddings
+    (default: the teacher's setting). Constructing it runs transformers' own config validation."""
+    cfg = teacher_config.to_dict()
+    n_teacher = int(cfg["num_hidden_layers"])
+    layers = list(range(n_teacher)) if layers is None else list(layers)
+    n = len(layers)
+    cfg.update(
+        hidden_size=rank,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        num_hidden_layers=n,
+    )
+    if rms_norm_eps is not None:
+        cfg["rms_norm_eps"] = rms_norm_eps
+    if tied is not None:
+        cfg["tie_word_embeddings"] = tied
     if cfg.get("layer_types"):
-        cfg["layer_types"] = [cfg["layer_types"][i] for i in clone.student_layers]
+        cfg["layer_types"] = [cfg["layer_types"][i] for i in layers]
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = min(int(cfg["max_window_layers"] or n), n)
     for key in ("_name_or_path", "transformers_version"):
         cfg.pop(key, None)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **cfg)
+
+
+def _refusal(teacher_config, rank: int) -> str | None:
+    """Why transformers refuses a student of hidden size ``rank`` (``None`` when it accepts it)."""
+    try:
+        student_config_for(teacher_config, rank)
+    except (StrictDataclassError, ValueError, TypeError) as err:
+        cause = err.__cause__ or err
+        return " ".join(str(cause).split())
+    return None
+
+
+def check_exportable_rank(teacher_config, rank: int) -> None:
+    """Raise ``ValueError`` if transformers would refuse to save or load the exported student of
+    hidden size ``rank`` (for instance, a Llama config whose hidden size is not a multiple of the
+    number of attention heads). The answer comes from building that config with transformers itself;
+    the message names the nearest ranks in ``[1, teacher hidden size]`` that it accepts."""
+    reason = _refusal(teacher_config, rank)
+    if reason is None:
+        return
+    top = int(teacher_config.hidden_size)
+    below = next((r for r in range(min(rank, top + 1) - 1, 0, -1) if _refusal(teacher_config, r) is None), None)
+    above = next((r for r in range(max(rank, 0) + 1, top + 1) if _refusal(teacher_config, r) is None), None)
+    nearest = [r for r in (below, above) if r is not None]
+    hint = f"nearest exportable ranks: {', '.join(map(str, nearest))}" if nearest else "no rank can be exported"
+    raise ValueError(
+        f"CloneConfig.rank={rank} cannot be exported: transformers refuses a {teacher_config.model_type} "
+        f"student of hidden size {rank} ({reason}); {hint}"
+    )
 
 
 @torch.no_grad()
@@ -105,14 +153,16 @@ def save_student(
 ) -> Path:
     """Write the merged student, the tokenizer (if the clone has one), the generation config and
     ``lrc_clone.json`` (clone config, teacher identity, kept layers) to ``path`` atomically: the
-    files go to a temporary sibling directory that is renamed into place."""
+    files go to a temporary sibling directory, are flushed to disk and the directory is renamed
+    into place (:func:`lrc.io.atomic_directory`), with the permissions the umask gives."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = build_student(clone, dtype=dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # the last line of defence: a NaN / Inf weight (or a float16 overflow) is never written
+        raise ValueError(f"refusing to export to {path}: the merged student has non-finite weights in {bad[:5]}")
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         if clone.tokenizer is not None:
             clone.tokenizer.save_pretrained(tmp)
@@ -124,15 +174,4 @@ def save_student(
             "tied_embeddings": clone.io.student_tied,
         }
         (tmp / "lrc_clone.json").write_text(json.dumps(meta, indent=2, default=str))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

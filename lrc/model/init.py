@@ -1,15 +1,20 @@
 """Projection initialisers: a small registry so new schemes plug in by name.
 
 An initialiser is ``fn(param, ctx) -> None`` that fills ``param`` (a ``D x d`` projection) in
-place; ``ctx`` tells it which projection it is and which frozen teacher matrices it multiplies,
-so data-free schemes (e.g. PCA of the teacher weights, orthogonal) can be added with
-:func:`register_projection_init` and selected with ``CloneConfig(init="name")``.
+place; ``ctx`` tells it which projection it is, which frozen teacher matrices it multiplies and
+which teacher RMSNorm gain its input passes through, so data-free schemes (e.g. PCA of the
+teacher weights, orthogonal) can be added with :func:`register_projection_init` and selected
+with ``CloneConfig(init="name")``.
+
+A data-aware initialiser also registers a ``calibrate`` function: ``LowRankClone.from_teacher``
+runs it once on a calibration batch (``calibration_ids``) and hands its :class:`Calibration` to
+every projection's context and to the student's RMSNorm gains (``"pca"``, :mod:`lrc.model.pca`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -21,17 +26,54 @@ class InitContext:
     teacher_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"wq": Wq}
     generator: torch.Generator | None = None
     std: float = 0.02
+    # the teacher RMSNorm gain (D,) in front of an input-side projection: the layer's attention
+    # norm for q/k/v, its FFN norm for gate/up, the final norm for the head; None otherwise
+    norm_gain: torch.Tensor | None = None
+    calibration: Mapping[str, Any] = field(default_factory=dict)  # Calibration.data of a data-aware init
+
+
+@dataclass
+class Calibration:
+    """What a data-aware initialiser learned from a calibration batch.
+
+    data:  handed to every projection's :attr:`InitContext.calibration` (e.g. ``{"basis": Q}``).
+    gains: student RMSNorm gains by the names of ``LowRankClone.named_student_norms``
+           (``final_norm``, ``layers.{i}.attn_norm``, ``layers.{i}.mlp_norm``); a float fills
+           the gain, a missing name keeps 1.
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+    gains: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 ProjectionInit = Callable[[torch.Tensor, InitContext], None]
-_REGISTRY: dict[str, ProjectionInit] = {}
+# calibrate(teacher, calibration_ids, *, rank, student_eps) -> Calibration
+Calibrate = Callable[..., Calibration]
 
 
-def register_projection_init(name: str) -> Callable[[ProjectionInit], ProjectionInit]:
-    """Decorator: make ``fn`` selectable as ``CloneConfig(init=name)``."""
+@dataclass(frozen=True)
+class _InitSpec:
+    fn: ProjectionInit
+    calibrate: Calibrate | None = None
+    untied_head: bool = False
+
+
+_REGISTRY: dict[str, _InitSpec] = {}
+
+
+def register_projection_init(
+    name: str, *, calibrate: Calibrate | None = None, untied_head: bool = False
+) -> Callable[[ProjectionInit], ProjectionInit]:
+    """Decorator: make ``fn`` selectable as ``CloneConfig(init=name)``.
+
+    calibrate:   makes the init data-aware: ``calibrate(teacher, calibration_ids, rank=...,
+                 student_eps=...) -> Calibration`` runs once before the projections are filled.
+    untied_head: the init gives the head a projection of its own, so ``tie_head_projection``
+                 defaults to False with it and True is refused.
+    """
 
     def deco(fn: ProjectionInit) -> ProjectionInit:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = _InitSpec(fn, calibrate, untied_head)
         return fn
 
     return deco
@@ -41,12 +83,25 @@ def projection_init_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_projection_init(init: str | ProjectionInit) -> ProjectionInit:
+def _spec(init: str | ProjectionInit) -> _InitSpec:
     if callable(init):
-        return init
+        return _InitSpec(init)
     if init not in _REGISTRY:
         raise ValueError(f"unknown CloneConfig.init {init!r}; registered: {projection_init_names()}")
     return _REGISTRY[init]
+
+
+def get_projection_init(init: str | ProjectionInit) -> ProjectionInit:
+    return _spec(init).fn
+
+
+def init_calibrator(init: str | ProjectionInit) -> Calibrate | None:
+    """The ``calibrate`` function of a data-aware init (``None``: the init needs no data)."""
+    return _spec(init).calibrate
+
+
+def init_requires_untied_head(init: str | ProjectionInit) -> bool:
+    return _spec(init).untied_head
 
 
 @register_projection_init("normal")

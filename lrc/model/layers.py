@@ -5,12 +5,13 @@ teacher, so no copy) next to its trainable projections and student RMSNorm gains
 every layer self-contained, so it can be wrapped on its own by FSDP2 or by activation
 checkpointing.
 
-Orientation (spec section 2):  input side ``W_s = W_t @ P``; output side ``W_s = P.T @ W_t``
+Orientation (docs/method.md, section 2):  input side ``W_s = W_t @ P``; output side ``W_s = P.T @ W_t``
 (bias ``b_s = b_t @ P``); embedding ``E_s = E @ P_embed``; head ``H_s = H @ P_head``.
 """
 
 from __future__ import annotations
 
+from collections import abc
 from typing import Iterator, Mapping
 
 import torch
@@ -29,6 +30,22 @@ _OUTPUT_PROJ = {"o": ("wo", "bo"), "down": ("wdown", "bdown")}
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+class _ComputeView(abc.Mapping):
+    """Read-only view of the projections, each cast to the compute dtype when it is read."""
+
+    def __init__(self, proj: nn.ParameterDict, compute) -> None:
+        self._proj, self._compute = proj, compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._compute(self._proj[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._proj.keys())
+
+    def __len__(self) -> int:
+        return len(self._proj)
 
 
 class CloneDecoderLayer(nn.Module):
@@ -53,6 +70,7 @@ class CloneDecoderLayer(nn.Module):
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
         param_dtype: torch.dtype | None = None,
+        calibration: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -69,15 +87,23 @@ class CloneDecoderLayer(nn.Module):
         d_t = teacher["wq"].shape[1]
         ref = teacher["wq"]
         dtype = param_dtype or ref.dtype
-        groups = {**_ATTN_PROJ[attn_sharing], **_FFN_PROJ[ffn_sharing]}
-        for name, keys in groups.items():
-            self.proj[name] = self._new_projection(name, "input", keys, (d_t, rank), dtype, init, init_std, generator)
+        calibration = calibration or {}
+        inputs = [(name, keys, "attn_norm") for name, keys in _ATTN_PROJ[attn_sharing].items()]
+        inputs += [(name, keys, "mlp_norm") for name, keys in _FFN_PROJ[ffn_sharing].items()]
+        for name, keys, norm in inputs:
+            self.proj[name] = self._new_projection(
+                name, "input", keys, (d_t, rank), dtype, init, init_std, generator, teacher[norm], calibration
+            )
         for name, keys in _OUTPUT_PROJ.items():
-            self.proj[name] = self._new_projection(name, "output", keys, (d_t, rank), dtype, init, init_std, generator)
+            self.proj[name] = self._new_projection(
+                name, "output", keys, (d_t, rank), dtype, init, init_std, generator, None, calibration
+            )
         for name in ("attn", "mlp"):
             self.norms[name] = nn.Parameter(torch.ones(rank, dtype=dtype, device=ref.device))
 
-    def _new_projection(self, name, side, keys, shape, dtype, init, init_std, generator) -> nn.Parameter:
+    def _new_projection(
+        self, name, side, keys, shape, dtype, init, init_std, generator, norm_gain, calibration
+    ) -> nn.Parameter:
         p = nn.Parameter(torch.empty(shape, dtype=dtype, device=self.teacher["wq"].device))
         if init is not None:
             ctx = InitContext(
@@ -86,6 +112,8 @@ class CloneDecoderLayer(nn.Module):
                 teacher_weights={k: self.teacher[k] for k in keys if k in self.teacher},
                 generator=generator,
                 std=init_std,
+                norm_gain=norm_gain,
+                calibration=calibration,
             )
             init(p, ctx)
         return p
@@ -146,11 +174,10 @@ class CloneDecoderLayer(nn.Module):
                 acts_s,
                 acts_t,
                 request,
-                teacher_o_weight=self.teacher["wo"],
-                teacher_o_bias=self.teacher["bo"] if "bo" in self.teacher else None,
-                proj_o=self.compute(self.proj["o"]),
-                proj_down=self.compute(self.proj["down"]),
+                teacher_weights=self.teacher,
+                projections=_ComputeView(self.proj, self.compute),
                 token_mask=token_mask,
+                layer=self.index,
             )
         return x_s, x_t, terms
 
@@ -173,6 +200,7 @@ class CloneEmbeddings(nn.Module):
         init_std: float,
         generator: torch.Generator | None,
         param_dtype: torch.dtype | None = None,
+        calibration: Mapping | None = None,
     ) -> None:
         super().__init__()
         embed = teacher["embed"]
@@ -184,14 +212,18 @@ class CloneEmbeddings(nn.Module):
         self.student_final_norm = nn.Parameter(torch.ones(rank, dtype=dtype, device=embed.device))
         d_t = embed.shape[1]
 
-        def new(name: str, weights: dict[str, torch.Tensor]) -> nn.Parameter:
+        def new(name: str, weights: dict[str, torch.Tensor], norm_gain: torch.Tensor | None) -> nn.Parameter:
             p = nn.Parameter(torch.empty(d_t, rank, dtype=dtype, device=embed.device))
-            init(p, InitContext(name=name, side="embedding", teacher_weights=weights, generator=generator, std=init_std))
+            ctx = InitContext(
+                name=name, side="embedding", teacher_weights=weights, generator=generator, std=init_std,
+                norm_gain=norm_gain, calibration=calibration or {},
+            )
+            init(p, ctx)
             return p
 
-        self.proj_embed = new("embed", {"embed": embed})
+        self.proj_embed = new("embed", {"embed": embed}, None)
         head_weights = {"head": embed if teacher["head"] is None else teacher["head"]}
-        self.proj_head = None if tie_head_projection else new("head", head_weights)
+        self.proj_head = None if tie_head_projection else new("head", head_weights, teacher["final_norm"])
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -1,12 +1,16 @@
-"""Callbacks: save-and-stop on SIGINT/SIGTERM, and a final run summary."""
+"""Callbacks: save-and-stop on SIGINT/SIGTERM, and progress in optimizer steps (a Rich bar on a
+terminal, plain lines in a log file)."""
 
 from __future__ import annotations
 
+import math
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 
 
 class GracefulShutdown(L.Callback):
@@ -47,6 +51,122 @@ class GracefulShutdown(L.Callback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # a failed run gives the signals back too
+
     @property
     def interrupted(self) -> bool:
         return self.received is not None
+
+
+class StepProgressBar(RichProgressBar):
+    """Progress in optimizer steps, on a terminal and in a log file alike.
+
+    On a terminal (or in Jupyter) it is Lightning's Rich bar, counting optimizer steps of the
+    whole run (``step 120/500``, resumes included) instead of Lightning's "Epoch 0/-2". Anywhere
+    else (output redirected to a file, CI, SLURM) Rich would print nothing until the end, so the
+    bar is off and one plain line goes to stdout every ``print_every_n_steps`` optimizer steps and
+    at the last one::
+
+        step 40/200 (20%) | loss 3.2141 | 1,234 tokens/s | elapsed 0:01:02 | ETA 0:04:08
+
+    plus one line per validation during training. ``print_every_n_steps=0`` prints no such lines;
+    ``plain`` forces one mode (``None``: decide from stdout).
+    """
+
+    def __init__(self, print_every_n_steps: int = 10, plain: bool | None = None, refresh_rate: int = 1,
+                 leave: bool = False, console_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
+        if isinstance(print_every_n_steps, bool) or not isinstance(print_every_n_steps, int) or print_every_n_steps < 0:
+            raise ValueError(f"callbacks.progress.print_every_n_steps must be an integer >= 0, got {print_every_n_steps!r}")
+        self.print_every_n_steps = print_every_n_steps
+        self.plain = _plain_output() if plain is None else plain
+        self._t0: float | None = None
+        self._start: tuple[int, int] = (0, 0)  # (step, tokens) when this process started training
+        self._printed = -1
+        self._total: int | float | None = None
+
+    # ------------------------------------------------------------------------- Rich bar
+    @property
+    def is_enabled(self) -> bool:
+        return not self.plain and super().is_enabled
+
+    def _total_steps(self) -> int | float:
+        if self._total is None:  # Lightning computes it from the data loaders: once is enough
+            total = self.trainer.estimated_stepping_batches
+            self._total = float("inf") if total is None or total < 0 or total == float("inf") else int(total)
+        return self._total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "step"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled or self.progress is None:
+            return
+        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per epoch
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def _initialize_train_progress_bar_id(self) -> None:
+        self.train_progress_bar_id = self._add_task(self._total_steps(), self._get_train_description(0))
+        self._update(self.train_progress_bar_id, self.trainer.global_step)
+
+    # ---------------------------------------------------------------------- both modes
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total = None
+        super().on_train_start(trainer, pl_module)
+        self._t0 = time.perf_counter()
+        self._start = (trainer.global_step, int(getattr(pl_module, "tokens_seen", 0)))
+        self._printed = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled:
+            if self.train_progress_bar_id is None:
+                self._initialize_train_progress_bar_id()
+            self._update(self.train_progress_bar_id, trainer.global_step)
+            self._update_metrics(trainer, pl_module)
+            self.refresh()
+        step = trainer.global_step
+        every = self.print_every_n_steps
+        due = every and step != self._printed and (step % every == 0 or step >= self._total_steps())
+        if self.plain and due and trainer.is_global_zero:
+            self._printed = step
+            print(self.status_line(trainer, pl_module), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.plain and self.print_every_n_steps and trainer.state.fn == "fit" and trainer.is_global_zero:
+            values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+            print(f"validation at step {trainer.global_step}: {shown}", flush=True)
+
+    def status_line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """``step s/N (p%) | loss | tokens/s | elapsed | ETA``, over this process's part of the run."""
+        step, total = trainer.global_step, self._total_steps()
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        done_here = step - self._start[0]
+        parts = [f"step {step}/{total:.0f}" + (f" ({100 * step / total:.0f}%)" if math.isfinite(total) else "")]
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._start[1]
+        if elapsed > 0 and tokens > 0:
+            parts.append(f"{tokens / elapsed:,.0f} tokens/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if done_here > 0 and math.isfinite(total):
+            parts.append(f"ETA {_clock(elapsed / done_here * max(total - step, 0))}")
+        return " | ".join(parts)
+
+
+def _plain_output() -> bool:
+    """True when stdout is neither a terminal nor a notebook (a log file, a pipe)."""
+    from rich.console import Console
+
+    console = Console()
+    return not (console.is_terminal or console.is_jupyter)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

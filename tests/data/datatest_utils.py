@@ -99,3 +99,28 @@ def make_tree(root: Path) -> Path:
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / "x.py").write_text(_q(PROSE_A.replace("file", "folder")) + "\n")
     return root
+
+
+# --------------------------------------------------------------------------- tokenizers with a bos token
+
+BOS = 259  # the bos token added by bos_tokenizer()
+
+
+def bos_tokenizer(adds_bos: bool = True):
+    """The tiny tokenizer plus a distinct bos token ``<|begin_of_text|>`` (id 259).
+
+    ``adds_bos``: encoding with special tokens prepends it, as Llama-3's tokenizer does;
+    otherwise the token is defined but never added (like SmolLM2-Instruct's ``<|im_start|>``).
+    """
+    from tokenizers import processors
+
+    from lrc.teachers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    assert tok.bos_token_id == BOS
+    if adds_bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", BOS)]
+        )
+    return tok

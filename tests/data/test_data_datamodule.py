@@ -243,9 +243,13 @@ def test_streaming_matches_weights_and_holds_out_the_stream_head(tmp_path, tok):
     assert "<a0000>" not in train_text and "<b0000>" not in train_text
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming):
-    """Through a real Trainer: checkpoint mid-epoch, resume from it, same batches as one run."""
+@pytest.mark.parametrize(
+    "streaming, mode, checked",
+    [(False, "stop", False), (True, "stop", False), (True, "restart", True), (False, "renormalise", True)],
+)
+def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming, mode, checked):
+    """Through a real Trainer: checkpoint mid-epoch, resume from it, same batches as one run (also when
+    the data was checked before the trainer existed, as lrc-distill does, and when "b" runs dry)."""
     import lightning as L
 
     sources = _two_sources(tmp_path, streaming)
@@ -273,8 +277,11 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming):
                          limit_val_batches=0, num_sanity_val_steps=0)
 
     def fresh_dm():
-        return TokenMixDataModule(sources, tokenizer=tok, seq_len=16, batch_size=4, seed=7,
-                                  cache_dir=str(tmp_path / "cache"))
+        dm = TokenMixDataModule(sources, tokenizer=tok, seq_len=16, batch_size=4, seed=7,
+                                cache_dir=str(tmp_path / "cache"), on_exhausted=mode)
+        if checked:
+            dm.check_data()
+        return dm
 
     full_dm = fresh_dm()
     full_dm.setup("fit")
@@ -360,3 +367,233 @@ def test_set_tokenizer_checks_chat_sources(tmp_path, tok):
     # one rendered conversation + eos is exactly 11 tokens: every chunk is one document
     expected = [257] + byte_ids("user\nhi") + [258] + byte_ids("\n") + [EOS]
     assert len(rows) == 3 and all(r == expected for r in rows)  # 4 docs, the last one held out
+
+
+# --------------------------------------------------------------------------- a weighted source that runs dry
+# Every document is exactly one sequence (7 bytes + eos = seq_len 8), named by its source and
+# index. Weights 2:1 mix as "a b a" over and over (no ties, see test_data_packing.py). "a" has
+# 5 documents, "b" 7; one of each is held out for validation (in memory: the last one, streaming:
+# the first one), so training sees a0..a3 / b0..b5 in memory and a1..a4 / b1..b6 when streaming.
+# "a" (4 sequences for weight 2) runs dry long before "b" (6 for weight 1).
+
+A_B_A = "aba" * 10
+
+
+def _dry_sources(tmp_path, streaming):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}".ljust(7, ".")} for i in range(5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}".ljust(7, ".")} for i in range(7)])
+    return [{"name": "a", "kind": "jsonl", "path": str(a), "weight": 2.0, "streaming": streaming},
+            {"name": "b", "kind": "jsonl", "path": str(b), "weight": 1.0, "streaming": streaming}]
+
+
+def _names(tok, batches):
+    return [tok.decode(row[:2]) for row in decode_all(batches)]
+
+
+def _expected(pattern: str, passes: dict[str, list[int]]) -> list[str]:
+    """Document names for a pattern of source letters, each source cycling through its documents."""
+    seen = {"a": 0, "b": 0}
+    out = []
+    for s in pattern:
+        out.append(f"{s}{passes[s][seen[s] % len(passes[s])]}")
+        seen[s] += 1
+    return out
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+@pytest.mark.parametrize(
+    "mode, total, pattern",
+    [
+        ("stop", None, A_B_A[:6]),                     # "a" runs dry at its 5th turn: the epoch ends
+        ("restart", None, A_B_A[:18]),                 # "a" read 3 times, until "b" has been read once
+        ("renormalise", None, A_B_A[:6] + "bbbb"),     # then "b" alone
+        ("restart", 12, A_B_A[:12]),                   # max_train_tokens = 12 sequences
+        ("renormalise", 8, A_B_A[:6] + "bb"),          # max_train_tokens = 8 sequences
+    ],
+)
+def test_a_source_that_runs_dry(tmp_path, tok, caplog, streaming, mode, total, pattern):
+    dm = make_dm(tmp_path, tok, _dry_sources(tmp_path, streaming), seq_len=8, batch_size=1, shuffle=False,
+                 val_tokens=8, on_exhausted=mode, max_train_tokens=None if total is None else 8 * total)
+    docs = {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4, 5, 6]} if streaming else {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3, 4, 5]}
+    with caplog.at_level("WARNING", logger="lrc.data.datamodule"):
+        got = _names(tok, collect(dm.train_dataloader()))
+    assert got == _expected(pattern, docs)
+    # the log names the source, where it ran dry and its tokens against its planned share
+    dry = [r.getMessage() for r in caplog.records if "data source 'a'" in r.getMessage()]
+    assert len(dry) == 1 and "'b'" not in dry[0]
+    plan = {None: None if streaming else 96, 12: 64, 8: 43}[total]  # 2/3 of the planned sequences x 8
+    if streaming:
+        assert "ran dry in epoch 0 after 32 tokens (4 sequences of 8), at sequence 6 (batch 6)" in dry[0]
+        assert (f"its planned share is {plan} tokens" if plan else "no planned share (max_train_tokens is not set)") in dry[0]
+    else:
+        assert f"runs dry: it holds 32 tokens (4 sequences of 8) but its planned share is {plan} tokens" in dry[0]
+        assert "after 6 sequences (6 batches) of each epoch" in dry[0]
+    action = {"stop": "the epoch ends", "restart": "it is read again from its start",
+              "renormalise": "the other sources go on with their weights renormalised"}[mode]
+    assert action in dry[0] and f"(on_exhausted={mode})" in dry[0]
+
+
+def test_no_report_when_nothing_runs_dry(tmp_path, tok, caplog):
+    sources = _dry_sources(tmp_path, False)
+    with caplog.at_level("WARNING", logger="lrc.data.datamodule"):
+        make_dm(tmp_path, tok, sources, seq_len=8, batch_size=1, val_tokens=8, max_train_tokens=8 * 6)
+    assert not [r for r in caplog.records if "runs dry" in r.getMessage()]  # 4 a + 2 b fit the plan
+    with pytest.raises(ValueError, match="on_exhausted must be one of stop, restart, renormalise; got 'loop'"):
+        TokenMixDataModule(sources, on_exhausted="loop")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+@pytest.mark.parametrize("mode", ["restart", "renormalise"])
+def test_mid_epoch_resume_is_exact_when_a_source_runs_dry(tmp_path, tok, streaming, mode):
+    # "b" (112 sequences at weight 1) is the scarce one next to "a" (~290 at weight 2)
+    sources = _two_sources(tmp_path, streaming)
+    kw = dict(seed=3, shuffle_buffer=16, on_exhausted=mode)
+    ref = make_dm(tmp_path, tok, sources, **kw)
+    loader = ref.train_dataloader()
+    epoch0 = collect(loader)
+    ref.set_epoch(1)
+    epoch1 = collect(loader)
+    stop = collect(make_dm(tmp_path, tok, sources, seed=3, shuffle_buffer=16).train_dataloader())
+    assert len(epoch0) > len(stop) and epoch0 != epoch1
+    ids = [s for b in epoch0 for s in b["source_ids"]]
+    # training sequences of 16: "a" 142 documents of 32 tokens, "b" 85 of 20 in memory (the last 8 / 5
+    # held out: 5% of the tokens) or 77 streaming (the first 13 held out: 16 sequences' worth)
+    a_train, b_train = 142 * 32 // 16, (77 if streaming else 85) * 20 // 16
+    if mode == "restart":  # 2:1 to the end: "b" is read again
+        assert ids.count(1) > b_train and abs(ids.count(0) - 2 * ids.count(1)) <= 2
+    else:  # every sequence of both sources once, "a" alone at the end (drop_last trims < 4)
+        assert ids.count(1) == b_train and a_train - 4 < ids.count(0) <= a_train
+        assert set(ids[-len(ids) // 8:]) == {0}
+
+    run = make_dm(tmp_path, tok, sources, **kw)
+    assert collect(run.train_dataloader(), 7) == epoch0[:7]
+    state = run.state_dict()
+    resumed = make_dm(tmp_path, tok, sources, **kw)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    assert collect(loader) == epoch0[7:]
+    resumed.set_epoch(1)
+    assert collect(loader) == epoch1
+
+
+# --------------------------------------------------------------------------- bos at document starts
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+def test_packed_stream_with_a_distinct_bos(tmp_path, streaming):
+    from datatest_utils import BOS, bos_tokenizer
+
+    texts = ["hello", "abc", "xy", "0123456", "last one!"]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    src = [{"name": "a", "kind": "jsonl", "path": str(path), "streaming": streaming}]
+    kw = dict(seq_len=4, batch_size=1, shuffle=False, document_mask=True, drop_last=False)
+    # in memory: the last document is held out (val_tokens=1); streaming: the first one
+    train_docs, val_docs = (texts[1:], texts[:1]) if streaming else (texts[:-1], texts[-1:])
+    stream = [t for d in train_docs for t in [BOS, *byte_ids(d), EOS]]
+    dm = make_dm(tmp_path, bos_tokenizer(), src, val_tokens=1, **kw)
+    assert dm.bos_id == BOS
+    batches = collect(dm.train_dataloader())
+    assert decode_all(batches) == [stream[i : i + 4] for i in range(0, len(stream) - 3, 4)]
+    # segment ids: a new segment starts at every bos and nowhere else (the eos ends the previous one)
+    for ids, seg in zip(decode_all(batches), decode_all(batches, "segment_ids")):
+        assert all(seg[t] - seg[t - 1] == (ids[t] == BOS) for t in range(1, 4))
+    # chunk 1: "l", "o", eos, bos (of "abc") in memory; eos, bos, "x", "y" streaming
+    assert decode_all(batches, "segment_ids")[1] == ([0, 1, 1, 1] if streaming else [0, 0, 0, 1])
+    vstream = [BOS, *byte_ids(val_docs[0]), EOS]
+    assert decode_all(collect(dm.val_dataloader())) == [vstream[i : i + 4] for i in range(0, len(vstream) - 3, 4)]
+    # same tokenizer without a bos of its own (or add_bos=false): no bos
+    plain = make_dm(tmp_path, bos_tokenizer(adds_bos=False), src, val_tokens=1, **kw)
+    off = make_dm(tmp_path, bos_tokenizer(), src, val_tokens=1, add_bos=False, **kw)
+    no_bos = [t for d in train_docs for t in [*byte_ids(d), EOS]]
+    for other in (plain, off):
+        assert other.bos_id is None
+        assert decode_all(collect(other.train_dataloader())) == [no_bos[i : i + 4] for i in range(0, len(no_bos) - 3, 4)]
+
+
+def test_bos_setting_is_part_of_the_cache_key(tmp_path):
+    from datatest_utils import BOS, bos_tokenizer
+
+    path = write_jsonl(tmp_path / "a.jsonl", docs("a", 40))
+    src = [{"name": "a", "kind": "jsonl", "path": str(path)}]
+    t = bos_tokenizer()
+    without = make_dm(tmp_path, t, src, add_bos=False, shuffle=False)
+    with_bos = make_dm(tmp_path, t, src, add_bos="auto", shuffle=False)  # same cache, same tokenizer
+    first = decode_all(collect(with_bos.train_dataloader(), 1))[0]
+    assert first[0] == BOS and BOS not in decode_all(collect(without.train_dataloader()))[0]
+    assert len(list((tmp_path / "cache" / "packed").iterdir())) == 2
+    assert without._mixture_fingerprint() != with_bos._mixture_fingerprint()
+
+
+# --------------------------------------------------------------------------- check_data: up front
+
+
+def test_check_data_reads_once_and_training_reuses_it(tmp_path, tok, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", docs("a", 40))
+    dm = TokenMixDataModule([{"name": "a", "kind": "jsonl", "path": str(path)}], tokenizer=tok, seq_len=16,
+                            batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm.check_data()
+    import lrc.data.datamodule as dmod
+
+    monkeypatch.setattr(dmod, "iter_documents", lambda *a, **k: pytest.fail("read the data again"))
+    monkeypatch.setattr(dmod, "build_packed_source", lambda *a, **k: pytest.fail("packed again"))
+    dm.prepare_data()  # what Lightning calls next
+    dm.setup("fit")
+    assert len(collect(dm.train_dataloader())) == dm.sampler.batches_per_epoch() > 0
+    assert collect(dm.val_dataloader())
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+@pytest.mark.parametrize(
+    "texts, kw, message",
+    [
+        (["a"], {}, r"no training sequences of seq_len=16: the training text \('a': 2 tokens\) does not fill one "
+                    r"sequence; lower seq_len or add text"),
+        ([f"document {i}, long enough" for i in range(8)], dict(batch_size=64),  # 8 x 24 tokens = 12 x 16
+         r"no full training batch: the data gives 12 training sequences of seq_len=16 per epoch, fewer than "
+         r"batch_size=64; lower batch_size or seq_len, or add data"),
+    ],
+    ids=["one_token", "batch_larger_than_data"],
+)
+def test_check_data_too_little_training_data(tmp_path, tok, streaming, texts, kw, message):
+    if streaming and texts == ["a"]:
+        message = r"no full training batch: the data gives 0 training sequences"
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    dm = TokenMixDataModule([{"name": "a", "kind": "jsonl", "path": str(path), "streaming": streaming}],
+                            tokenizer=tok, seq_len=16, cache_dir=str(tmp_path / "cache"),
+                            **{"batch_size": 4, "val_tokens": 0, **kw})
+    with pytest.raises(ValueError, match=message):
+        dm.check_data(require_validation=False)
+
+
+@pytest.mark.parametrize(
+    "texts, kw, message",
+    [
+        (["word " * 200], {}, r"no validation sequences of seq_len=16: 'a' holds out 0 tokens in 0 documents "
+                              r"\(carved\) \(a source of one document cannot hold one out\)\. Validation needs at least "
+                              r"one full sequence: lower seq_len, raise val_fraction or val_tokens, add documents, or "
+                              r"give a hub source its own held-out split \(val_split\)"),
+        (["word " * 200, "short"], {}, r"'a' holds out 6 tokens in 1 documents \(carved\)\. Validation needs"),
+        (["word " * 200] * 3, dict(val_sequences=0), r"no validation sequences: val_sequences=0; set it to null"),
+    ],
+    ids=["one_long_document", "held_out_too_short", "val_sequences_0"],
+)
+def test_check_data_no_validation_sequences(tmp_path, tok, texts, kw, message):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    dm = TokenMixDataModule([{"name": "a", "kind": "jsonl", "path": str(path)}], tokenizer=tok, seq_len=16,
+                            batch_size=4, cache_dir=str(tmp_path / "cache"), **kw)
+    with pytest.raises(ValueError, match=message):
+        dm.check_data()
+    dm.check_data(require_validation=False)  # training alone is fine
+
+
+def test_check_data_finds_a_bad_row_101(tmp_path, tok):
+    rows = docs("a", 150)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    lines = path.read_text().splitlines()
+    lines[100] = '{"body": "no text"}'
+    path.write_text("\n".join(lines) + "\n")
+    dm = TokenMixDataModule([{"name": "a", "kind": "jsonl", "path": str(path)}], tokenizer=tok, seq_len=16,
+                            batch_size=4, cache_dir=str(tmp_path / "cache"))  # the first row is fine
+    with pytest.raises(ValueError, match=rf"data source 'a': {path}, line 101: text_field 'text' not found; "
+                                         r"available fields: \['body'\]"):
+        dm.check_data()

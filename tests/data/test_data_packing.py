@@ -138,3 +138,82 @@ def test_online_interleaver_matches_offline_schedule():
     online.exclude(1)
     online.exclude(2)
     assert online.next() is None
+
+
+# --------------------------------------------------------------------------- bos
+
+
+def test_bos_to_add_follows_the_tokenizer(tok):
+    from datatest_utils import BOS, bos_tokenizer
+
+    from lrc.data.packing import bos_to_add
+
+    llama3_like, smollm_like = bos_tokenizer(), bos_tokenizer(adds_bos=False)
+    assert llama3_like("x")["input_ids"][0] == BOS  # it adds its bos itself
+    assert bos_to_add(llama3_like) == BOS
+    assert bos_to_add(smollm_like) is None  # a bos token it never adds
+    assert bos_to_add(tok) is None  # bos == eos
+    assert bos_to_add(smollm_like, True) == BOS and bos_to_add(tok, True) == EOS
+    assert bos_to_add(llama3_like, False) is None
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="add_bos=true but the tokenizer has no bos_token"):
+        bos_to_add(SimpleNamespace(bos_token_id=None, eos_token_id=0), True)
+    with pytest.raises(ValueError, match="add_bos must be one of auto, true, false; got 'yes'"):
+        bos_to_add(tok, "yes")
+
+
+def test_tokenize_documents_with_bos():
+    from datatest_utils import BOS, bos_tokenizer
+
+    t = bos_tokenizer()
+    # a text that renders the bos itself (Llama-3's chat template) keeps exactly one
+    got = tokenize_documents(["ab", "<|begin_of_text|>c", ""], t, bos_id=BOS)
+    assert got == [[BOS, 97, 98], [BOS, 99], [BOS]]
+    assert tokenize_documents(["ab"], t) == [[97, 98]]
+    p = pack_documents(got[:2], eos_id=EOS, seq_len=3)
+    # bos a b | eos bos c : the bos starts its document's segment, the eos ends the previous one
+    assert [p.chunk(i).tolist() for i in range(p.n_chunks)] == [[BOS, 97, 98], [EOS, BOS, 99]]
+    assert p.chunk_segments(1).tolist() == [0, 1, 1]
+
+
+# --------------------------------------------------------------------------- sources that run dry
+# Shares 2:1 with the largest-deficit rule give "a b a" over and over without ties:
+# t=0: deficits a 2/3, b 1/3 -> a; t=1: a 1/3, b 2/3 -> b; t=2: a 1, b 0 -> a; then it repeats.
+
+
+@pytest.mark.parametrize(
+    "available, total, mode, expected",
+    [
+        ([4, 6], None, "stop", [4, 2]),          # the scarce "a" (4 for weight 2) sets the size: 6
+        ([4, 6], None, "restart", [12, 6]),      # until "b" is read once; "a" three times
+        ([4, 6], None, "renormalise", [4, 6]),   # everything once
+        ([4, 6], 12, "restart", [8, 4]),         # the plan of 12 by weights
+        ([4, 6], 8, "renormalise", [4, 4]),      # "a" gives all 4, "b" the rest
+        ([40, 60], 12, "restart", [8, 4]),       # nobody runs dry: all modes agree
+        ([40, 60], 12, "renormalise", [8, 4]),
+        ([40, 60], 12, "stop", [8, 4]),
+    ],
+)
+def test_mixture_counts_when_a_source_runs_dry(available, total, mode, expected):
+    assert mixture_counts(available, [2.0, 1.0], [None, None], total, mode) == expected
+
+
+def test_water_fill_and_plan():
+    from lrc.data.packing import planned_weighted_chunks
+
+    # weights 1:1:2 of 20: shares 5, 5, 10; "a" has 2 -> 18 left for 1:2 -> 6, 12 -> "c" has 9 -> "b" 9
+    assert mixture_counts([2, 50, 9], [1.0, 1.0, 2.0], [None] * 3, 20, "renormalise") == [2, 9, 9]
+    assert planned_weighted_chunks([2, 50, 9], [1.0, 1.0, 2.0], [None] * 3, 20) == [5.0, 5.0, 10.0]
+    # without a total the plan reads the most plentiful source ("b": 50 at weight 1 of 4) once
+    assert planned_weighted_chunks([2, 50, 9], [1.0, 1.0, 2.0], [None] * 3) == [50.0, 50.0, 100.0]
+    assert planned_weighted_chunks([2, 50], [1.0, None], [None, None]) == [2.0, None]
+
+
+def test_renormalised_order_by_hand():
+    from lrc.data.packing import renormalised_order
+
+    assert renormalised_order([4, 6], [2.0, 1.0]).tolist() == [0, 1, 0, 0, 1, 0, 1, 1, 1, 1]
+    # three sources 1:1:1, "a" has 1, "b" 2: after "a" ends, b and c alternate 1:1, then c alone
+    order = renormalised_order([1, 2, 5], [1.0, 1.0, 1.0], seed=0).tolist()
+    assert sorted(order[:3]) == [0, 1, 2] and order[3:5] in ([1, 2], [2, 1]) and order[5:] == [2, 2, 2]

@@ -157,14 +157,15 @@ def test_empty_files(tmp_path):
 
 def test_missing_fields(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"content": "x", "score": 1}])
-    with pytest.raises(ValueError, match=r"'s': text_field 'text' not found .*available fields: \['content', 'score'\]"):
+    with pytest.raises(ValueError, match=r"'s': .*a\.jsonl, line 1: text_field 'text' not found; "
+                                         r"available fields: \['content', 'score'\]"):
         validate_source(src(kind="jsonl", path=str(path)))
     with pytest.raises(ValueError, match=r"messages_field 'messages' not found"):
         validate_source(src(kind="jsonl", path=str(path), messages_field="messages"))
     with pytest.raises(ValueError, match=r"filter field 'int_score' not found"):
         validate_source(src(kind="jsonl", path=str(path), text_field="content", filters={"int_score": {"min": 4}}))
     pq = write_parquet(tmp_path / "a.parquet", [{"body": "x"}])
-    with pytest.raises(ValueError, match=r"text_field 'text' not found .*\['body'\]"):
+    with pytest.raises(ValueError, match=r"a\.parquet, row 1: text_field 'text' not found; .*\['body'\]"):
         validate_source(src(kind="parquet", path=str(pq)))
 
 
@@ -206,6 +207,10 @@ def test_other_config_errors(tmp_path):
         validate_source(src(kind="text", path="x", sample_by="page"))
     with pytest.raises(FileNotFoundError, match="scan root"):
         validate_source(src(kind="embedded", path=[str(tmp_path / "nope")]))
+    # a local file has no splits: val_split used to read the training file again for validation
+    path = str(write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}]))
+    with pytest.raises(ValueError, match=r"'s' \(jsonl\): val_split names a hub split; a jsonl source has none"):
+        validate_source(src(kind="jsonl", path=path, val_split="test"))
 
 
 def test_override_sources_rewrites_kind_and_path():
@@ -215,3 +220,80 @@ def test_override_sources_rewrites_kind_and_path():
     assert base[0]["kind"] == "hub"  # input untouched
     with pytest.raises(ValueError, match=r"no source named \['nope'\]"):
         override_sources(base, {"nope": {}})
+
+
+# --------------------------------------------------------------------------- errors after the first row
+
+
+def _lines_with(bad: bytes, n: int = 150, at: int = 101, good=lambda i: {"text": f"doc {i}"}) -> bytes:
+    """``n`` JSON lines whose line ``at`` (1-based) is ``bad``."""
+    lines = [json.dumps(good(i)).encode() for i in range(n)]
+    lines[at - 1] = bad
+    return b"\n".join(lines) + b"\n"
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+
+
+ROW_101_CASES = {
+    "bad JSON": (dict(kind="jsonl"), "a.jsonl", _lines_with(b'{"text": "broken'),
+                 r"a\.jsonl, line 101: invalid JSON \(Unterminated string starting at: column 10\)"),
+    "missing field": (dict(kind="jsonl"), "a.jsonl", _lines_with(b'{"body": "x"}'),
+                      r"a\.jsonl, line 101: text_field 'text' not found; available fields: \['body'\]"),
+    "bad UTF-8": (dict(kind="jsonl"), "a.jsonl", _lines_with(b'{"text": "caf\xe9"}'),
+                  r"a\.jsonl, line 101: not valid UTF-8 \(byte 0xe9 at column 14\)"),
+    "not a string": (dict(kind="jsonl"), "a.jsonl", _lines_with(b'{"text": ["x"]}'),
+                     r"a\.jsonl, line 101: text_field 'text' must hold a string, got list"),
+    "not an object": (dict(kind="jsonl"), "a.jsonl", _lines_with(b'["x"]'),
+                      r"a\.jsonl, line 101: expected an object with fields, got list"),
+    "nested field": (dict(kind="jsonl", text_field="body.t"), "a.jsonl",
+                     _lines_with(b'{"body": {}}', good=lambda i: {"body": {"t": "x"}}),
+                     r"a\.jsonl, line 101: text_field 'body\.t' not found; available fields: \['body'\]"),
+    "message keys": (dict(kind="jsonl", messages_field="messages"), "a.jsonl",
+                     _lines_with(b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}', good=_chat),
+                     r"a\.jsonl, line 101: message 2 of messages_field 'messages' needs keys 'role' and 'content'"),
+    "filter type": (dict(kind="jsonl", filters={"score": {"min": 3}}), "a.jsonl",
+                    _lines_with(b'{"text": "x", "score": "high"}', good=lambda i: {"text": "x", "score": i}),
+                    r"a\.jsonl, line 101: filter field 'score' holds 'high', which cannot be compared with \{'min': 3\}"),
+    # physical lines count: a blank line before the bad one moves it to line 102
+    "blank lines counted": (dict(kind="jsonl"), "a.jsonl", b"\n" + _lines_with(b"{oops"),
+                            r"a\.jsonl, line 102: invalid JSON"),
+    "gzip": (dict(kind="jsonl"), "a.jsonl.gz", gzip.compress(_lines_with(b"{oops")),
+             r"a\.jsonl\.gz, line 101: invalid JSON"),
+    "JSON array": (dict(kind="jsonl"), "a.json",
+                   json.dumps([{"text": "x"}] * 100 + [{"body": "y"}], indent=0).encode(),
+                   r"a\.json, element 101: text_field 'text' not found"),
+    "text lines": (dict(kind="text", sample_by="line"), "a.txt",
+                   b"\n".join([b"good line"] * 100 + [b"caf\xe9"] + [b"more"] * 20),
+                   r"a\.txt, line 101: not valid UTF-8 \(byte 0xe9 at column 4\)"),
+    "text paragraphs": (dict(kind="text", sample_by="paragraph"), "a.txt",
+                        b"\n".join([b"para", b""] * 50 + [b"caf\xe9"]),
+                        r"a\.txt, line 101: not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_101_CASES))
+def test_errors_after_the_first_row_name_file_line_and_field(tmp_path, tok, case):
+    kw, name, data, message = ROW_101_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    s = src(**kw, path=str(path))
+    with pytest.raises(ValueError, match=r"^data source 's': " + f"{tmp_path}/" + message) as err:
+        validate_source(s, tok)  # checks first rows only (text paragraphs: the file is decoded whole)
+        list(iter_documents(s, tok))
+    assert err.value.__cause__ is None and "Traceback" not in str(err.value)
+
+
+def test_parquet_error_names_the_row(tmp_path, tok):
+    rows = [_chat(i) for i in range(150)]
+    rows[100] = {"messages": None}
+    path = write_parquet(tmp_path / "b.parquet", rows)
+    s = src(kind="parquet", path=str(path), messages_field="messages")
+    validate_source(s, tok)
+    with pytest.raises(ValueError, match=r"'s': .*b\.parquet, row 101: messages_field 'messages' must hold a list "
+                                         r"of messages, got NoneType"):
+        list(iter_documents(s, tok))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"'s': .*c\.parquet: cannot read as parquet"):
+        validate_source(src(kind="parquet", path=str(tmp_path / "c.parquet")))

@@ -1,0 +1,1 @@
+"""Turning runs into comparisons: curves, tables and figures (``lrc-collect``)."""
