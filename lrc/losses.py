@@ -19,15 +19,18 @@ ctx) -> scalar``, where ``student``/``teacher`` are one layer's activations and 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lrc.layer_select import LayerSpec, check_layer_spec, plain_layer_spec, select_layers
+
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")  # the paper's seven terms (weight 1 by default)
 KL_REDUCTIONS = ("sequence_sum", "token_mean")
 ATTN_OUT_SPACES = ("teacher", "student")
+OUTPUT_ALIGNMENTS = ("free", "learned")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +113,10 @@ class TermRequest:
         teacher o_attn @ Po (width d, the paper).
     detach_down_target / detach_o_target: detach the projected teacher targets o_ffn @ Pdown and
         (student space) o_attn @ Po, so their projection gets gradient from the student side only.
+    output_alignment: "free" (the paper's method: the projections align the outputs, as above) or
+        "learned" (the paper's "without alignment-free" ablation): each layer's trainable alignment
+        matrices A (D x d, ``TermContext.alignments``) map the student's attention and FFN outputs
+        to the teacher's width, and o / down compare ``A y_s`` with the teacher's output ``y_t``.
     """
 
     terms: tuple[str, ...] = CLONE_TERMS
@@ -117,11 +124,16 @@ class TermRequest:
     attn_out_space: str = "teacher"
     detach_down_target: bool = False
     detach_o_target: bool = False
+    output_alignment: str = "free"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.terms if t not in _TERM_REGISTRY]
         if unknown:
             raise ValueError(f"TermRequest.terms has unknown terms {unknown}; registered: {clone_term_names()}")
+        if self.output_alignment not in OUTPUT_ALIGNMENTS:
+            raise ValueError(
+                f"TermRequest.output_alignment must be one of {OUTPUT_ALIGNMENTS}, got {self.output_alignment!r}"
+            )
 
     def wants(self, layer: int) -> bool:
         return bool(self.terms) and (self.layers is None or layer in self.layers)
@@ -134,6 +146,7 @@ class TermRequest:
             self.attn_out_space == other.attn_out_space
             and self.detach_down_target == other.detach_down_target
             and self.detach_o_target == other.detach_o_target
+            and self.output_alignment == other.output_alignment
         )
         return set(other.terms) <= set(self.terms) and theirs <= mine and (same_how or not other.terms)
 
@@ -149,6 +162,8 @@ class TermContext:
                      "o", "gate", "up" (or "gate_up"), "down"; each D x d.
     token_mask:      (B, T) bool of real tokens, or ``None``; pass it to :func:`masked_mse`.
     layer:           the teacher layer index.
+    alignments:      with ``output_alignment="learned"``, the layer's alignment matrices in compute
+                     dtype: "o" and "down", each D x d (student output width d -> teacher width D).
     """
 
     request: TermRequest
@@ -156,6 +171,7 @@ class TermContext:
     projections: Mapping[str, torch.Tensor]
     token_mask: torch.Tensor | None = None
     layer: int | None = None
+    alignments: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 CloneTerm = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], TermContext], torch.Tensor]
@@ -210,6 +226,12 @@ def _projected_target(teacher_out: torch.Tensor, proj: torch.Tensor, detach: boo
     return teacher_out @ (proj.detach() if detach else proj)
 
 
+def _aligned_output_mse(name: str, student, teacher, ctx: TermContext) -> torch.Tensor:
+    """output_alignment="learned": the student's output (width d) through the layer's alignment
+    matrix A (D x d), ``y_s @ A.T``, against the teacher's output (width D)."""
+    return masked_mse(F.linear(student[name], ctx.alignments[name]), teacher[name], ctx.token_mask)
+
+
 for _name in ("q", "k", "v"):
     register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
 
@@ -217,7 +239,10 @@ for _name in ("q", "k", "v"):
 @register_clone_term("o", default_weight=1.0)
 def attention_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
     """o: teacher space (student heads through the teacher's o_proj vs teacher o_attn, width D)
-    or student space (student o_attn vs teacher o_attn @ Po, width d); see :class:`TermRequest`."""
+    or student space (student o_attn vs teacher o_attn @ Po, width d); with learned alignment, A_o
+    times student o_attn vs teacher o_attn (width D); see :class:`TermRequest`."""
+    if ctx.request.output_alignment == "learned":
+        return _aligned_output_mse("o", student, teacher, ctx)
     if ctx.request.attn_out_space == "teacher":
         s = F.linear(student["attn"], ctx.teacher_weights["wo"], ctx.teacher_weights.get("bo"))
         return masked_mse(s, teacher["o"], ctx.token_mask)
@@ -231,7 +256,10 @@ for _name in ("gate", "up"):
 
 @register_clone_term("down", default_weight=1.0)
 def ffn_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
-    """down: student o_ffn (width d) vs teacher o_ffn @ Pdown."""
+    """down: student o_ffn (width d) vs teacher o_ffn @ Pdown; with learned alignment, A_down times
+    student o_ffn vs teacher o_ffn (width D)."""
+    if ctx.request.output_alignment == "learned":
+        return _aligned_output_mse("down", student, teacher, ctx)
     t = _projected_target(teacher["down"], ctx.projections["down"], ctx.request.detach_down_target)
     return masked_mse(student["down"], t, ctx.token_mask)
 
@@ -245,13 +273,14 @@ def layer_clone_terms(
     projections: Mapping[str, torch.Tensor],
     token_mask: torch.Tensor | None = None,
     layer: int | None = None,
+    alignments: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Unweighted value of each requested term for one layer, by the registered term functions.
 
     ``student``/``teacher`` are the activations of :func:`lrc.model.functional.decoder_layer`;
     the other arguments make the :class:`TermContext` every term function receives.
     """
-    ctx = TermContext(request, teacher_weights, projections, token_mask, layer)
+    ctx = TermContext(request, teacher_weights, projections, token_mask, layer, alignments or {})
     return {name: _TERM_REGISTRY[name].fn(student, teacher, ctx) for name in request.terms}
 
 
@@ -271,9 +300,15 @@ class LossConfig:
                     name weighs its registered default (1 for q, k, v, o, gate, up, down; 0, i.e.
                     off, for added terms unless registered otherwise); 0 switches a term off, so
                     it is not even computed.
-    clone_layers:   teacher layer indices that carry clone terms (``None`` = all kept layers).
+    clone_layers:   the layers that carry clone terms (``None`` = every kept layer), a layer spec of
+                    :mod:`lrc.layer_select`: a list names teacher layers (negative indices count from
+                    the teacher's last layer), each of which the student must keep; a pattern
+                    (``{"fraction": f}``, ``{"every": k}``, ``{"first": k}``, ``{"last": k}``) picks
+                    among the student's kept layers (:func:`resolve_clone_layers`).
     attn_out_space: "teacher" (reference code) or "student" (paper) for the attention-output term.
     detach_down_target, detach_o_target: see :class:`TermRequest`.
+    output_alignment: "free" (the paper's LRC) or "learned" (its "without alignment-free" ablation,
+                    see :class:`TermRequest`; the clone must be built with the same value).
     """
 
     w_ce: float = 1.0
@@ -283,10 +318,11 @@ class LossConfig:
     kl_reduction: str = "sequence_sum"
     kl_tau_squared: bool = False
     term_weights: dict[str, float] = field(default_factory=dict)
-    clone_layers: Sequence[int] | None = None
+    clone_layers: LayerSpec = None
     attn_out_space: str = "teacher"
     detach_down_target: bool = False
     detach_o_target: bool = False
+    output_alignment: str = "free"
 
     def __post_init__(self) -> None:
         self.term_weights = dict(self.term_weights or {})
@@ -307,25 +343,59 @@ class LossConfig:
             raise ValueError(
                 f"LossConfig.attn_out_space must be one of {ATTN_OUT_SPACES}, got {self.attn_out_space!r}"
             )
+        if self.output_alignment not in OUTPUT_ALIGNMENTS:
+            raise ValueError(
+                f"LossConfig.output_alignment must be one of {OUTPUT_ALIGNMENTS}, got {self.output_alignment!r}"
+            )
+        if self.output_alignment == "learned":
+            moot = [f"{k}={getattr(self, k)!r}" for k, default in
+                    (("attn_out_space", "teacher"), ("detach_down_target", False), ("detach_o_target", False))
+                    if getattr(self, k) != default]
+            if moot:
+                raise ValueError(
+                    "LossConfig.output_alignment='learned' compares in teacher space: the alignment matrices "
+                    f"replace the projected targets, so {', '.join(moot)} would do nothing; leave them at "
+                    "their defaults"
+                )
+        check_layer_spec(self.clone_layers, "LossConfig.clone_layers")
         if self.clone_layers is not None:
-            layers = list(self.clone_layers)
-            if not layers:
-                raise ValueError("LossConfig.clone_layers is empty; use None for every kept layer")
-            bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-            if bad:
-                raise ValueError(f"LossConfig.clone_layers must be non-negative layer indices, got {bad}")
-            dups = sorted({i for i in layers if layers.count(i) > 1})
-            if dups:
-                raise ValueError(f"LossConfig.clone_layers has duplicated indices: {dups}")
-            self.clone_layers = tuple(sorted(layers))
+            self.clone_layers = (dict(self.clone_layers) if isinstance(self.clone_layers, Mapping)
+                                 else tuple(sorted(self.clone_layers)))
 
     def weight(self, term: str) -> float:
         return float(self.term_weights.get(term, default_term_weight(term)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["clone_layers"] = None if self.clone_layers is None else list(self.clone_layers)
+        d["clone_layers"] = plain_layer_spec(self.clone_layers)
         return d
+
+
+def resolve_clone_layers(
+    spec: LayerSpec, student_layers: Sequence[int], num_teacher_layers: int | None = None
+) -> tuple[int, ...] | None:
+    """Teacher indices of the layers that carry clone terms, for a student keeping ``student_layers``
+    of ``num_teacher_layers`` (``None`` = every kept layer). A list names teacher layers (negative
+    ones count from the teacher's end, so they need ``num_teacher_layers``), which the student must
+    keep; a pattern picks among the kept layers: ``{"fraction": 0.5}`` of kept ``[0, 2, 4, 6]`` is
+    ``(0, 4)``. ``ValueError`` names ``LossConfig.clone_layers``."""
+    key = "LossConfig.clone_layers"
+    kept = sorted(student_layers)
+    if spec is None:
+        return None
+    if isinstance(spec, Mapping):
+        return tuple(kept[j] for j in select_layers(spec, len(kept), key))
+    check_layer_spec(spec, key)
+    if num_teacher_layers is None:
+        if min(spec) < 0:
+            raise ValueError(f"{key} {list(spec)} has negative indices, which need the teacher's layer count")
+        layers = sorted(spec)
+    else:
+        layers = select_layers(spec, num_teacher_layers, key)
+    missing = sorted(set(layers) - set(kept))
+    if missing:
+        raise ValueError(f"{key} {missing} are not layers the student keeps {kept}")
+    return tuple(layers)
 
 
 class LRCLoss:
@@ -342,23 +412,40 @@ class LRCLoss:
         self.config = config or LossConfig()
         c = self.config
         terms = tuple(t for t in clone_term_names() if c.alpha > 0 and c.weight(t) > 0)
-        self.request = TermRequest(
+        spec = c.clone_layers
+        # a list of teacher layers is the request as it stands; a pattern or a negative index needs
+        # the student's layers first (check_layers)
+        fixed = spec is None or (not isinstance(spec, Mapping) and min(spec) >= 0)
+        self._unbound = bool(terms) and not fixed
+        self._request = TermRequest(
             terms=terms,
-            layers=None if c.clone_layers is None else tuple(c.clone_layers),
+            layers=tuple(spec) if fixed and spec is not None else None,
             attn_out_space=c.attn_out_space,
             detach_down_target=c.detach_down_target,
             detach_o_target=c.detach_o_target,
+            output_alignment=c.output_alignment,
         )
 
-    def check_layers(self, student_layers: Sequence[int]) -> None:
-        """Raise ``ValueError`` if a clone layer is not one the student keeps."""
-        if self.request.layers is None:
-            return
-        missing = sorted(set(self.request.layers) - set(student_layers))
-        if missing:
+    @property
+    def request(self) -> TermRequest:
+        """The clone terms (and layers) a forward must compute for this loss."""
+        if self._unbound:
             raise ValueError(
-                f"LossConfig.clone_layers {missing} are not layers the student keeps {list(student_layers)}"
+                f"LossConfig.clone_layers={plain_layer_spec(self.config.clone_layers)!r} depends on the student's "
+                "layers: call loss_fn.check_layers(clone.student_layers, num_teacher_layers) first"
             )
+        return self._request
+
+    def check_layers(
+        self, student_layers: Sequence[int], num_teacher_layers: int | None = None
+    ) -> tuple[int, ...] | None:
+        """Resolve ``clone_layers`` for a student keeping ``student_layers`` of ``num_teacher_layers``
+        (:func:`resolve_clone_layers`; ``ValueError`` if they do not fit), bind them into
+        :attr:`request` and return them (``None`` = every kept layer)."""
+        layers = resolve_clone_layers(self.config.clone_layers, student_layers, num_teacher_layers)
+        self._request = replace(self._request, layers=layers)
+        self._unbound = False
+        return layers
 
     def __call__(
         self,
@@ -383,7 +470,11 @@ class LRCLoss:
         results["ce"], results["kl"] = ce, kl
 
         if self.request.terms:
-            self.check_layers(out.student_layers)
+            missing = sorted(set(self.request.layers or ()) - set(out.student_layers))
+            if missing:
+                raise ValueError(
+                    f"LossConfig.clone_layers {missing} are not layers the student keeps {list(out.student_layers)}"
+                )
             if not out.request.covers(self.request, out.student_layers):
                 raise ValueError(
                     "the clone output was computed for a different term request; "

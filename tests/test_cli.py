@@ -97,17 +97,23 @@ def test_default_job_on_tiny_teacher(corpus, tmp_path):
         assert torch.allclose(student(ids).logits, other(ids).logits, atol=1e-6)
 
 
-OPTIONS = sorted([("experiment", p.stem) for p in (CONF_DIR / "experiment").glob("*.yaml")]
-                 + [("debug", p.stem) for p in (CONF_DIR / "debug").glob("*.yaml")])
+def group_options(group: str) -> list[str]:
+    """A group's options, those in sub-folders included (``experiment=paper/fig3_lrc``)."""
+    folder = CONF_DIR / group
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+
+
+OPTIONS = [(g, o) for g in ("experiment", "debug", "method") for o in group_options(g)]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_fast_dev_run_of_every_experiment_and_debug_option(corpus, tmp_path, group, option):
+def test_fast_dev_run_of_every_experiment_debug_and_method_option(corpus, tmp_path, group, option):
     extra = [f"{group}={option}"]
     if group == "experiment":
-        # paper setups name hub teachers, GPUs and hub data: swap those for tiny local ones
+        # paper setups name hub teachers, GPUs and hub data: swap those for tiny local ones (their
+        # layer selections are teacher-independent specs, so they stay as they are)
         extra += ["teacher=tiny_llama", "teacher.source=tiny-llama", "teacher.dtype=float32", "trainer=cpu",
-                  "debug=fast_dev_run", "student.rank=16", "loss.clone_layers=null"]
+                  "debug=fast_dev_run", "student.rank=16"]
     over = tiny_overrides(corpus, tmp_path / "run", *extra)
     # tiny_overrides sets data=local_jsonl; the experiment's data override would win otherwise
     cfg = compose_cfg(over)
@@ -145,7 +151,10 @@ def _bad(corpus, tmp_path, *extra):
         (["optim.lr=-0.1"], ConfigError, "optim.lr must be >= 0"),
         (["data.seq_len=1024"], ConfigError, "exceeds the teacher's maximum of 512"),
         (["data.sources=[{name:x,kind:jsonl,path:/no/such/file.jsonl}]"], FileNotFoundError, "no/such/file"),
-        (["loss.clone_layers=[7]"], ValueError, r"\[7\] are not layers the student keeps"),
+        (["loss.clone_layers=[7]"], ValueError, r"LossConfig.clone_layers has indices out of range \[-4, 3\] \(4 layers\): \[7\]"),
+        (["student.layers={every:2}", "loss.clone_layers=[-1]"], ValueError,
+         r"LossConfig.clone_layers \[3\] are not layers the student keeps \[0, 2\]"),
+        (["student.layers={first:5}"], ValueError, r"CloneConfig.layers.first must be at most the 4 layers, got 5"),
         (["loss.kl_reduction=batchmean"], ValueError, "kl_reduction must be one of"),
         (["ckpt_path=last"], ConfigError, "last.ckpt does not exist"),
         (["export.dtype=int8"], ConfigError, "export.dtype must be one of"),

@@ -10,12 +10,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lrc.cli.common import CONF_DIR
-from lrc.losses import LossConfig
 from lrc.model import CloneConfig
-from lrc.training.module import validate_optim
+from lrc.training.module import method_class, validate_optim
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+OPTIONS = [  # options in sub-folders too (experiment=paper/fig3_lrc)
+    (g, f.relative_to(CONF_DIR / g).with_suffix("").as_posix())
+    for g in GROUPS for f in sorted((CONF_DIR / g).rglob("*.yaml"))
+]
 
 
 def composed(overrides: list[str], tmp_path: Path):
@@ -25,7 +27,7 @@ def composed(overrides: list[str], tmp_path: Path):
 
 
 def test_groups_present():
-    expected = {"teacher", "student", "loss", "optim", "data", "trainer", "logger", "callbacks", "paths", "experiment", "debug"}
+    expected = {"teacher", "student", "loss", "method", "optim", "data", "trainer", "logger", "callbacks", "paths", "experiment", "debug"}
     assert expected <= set(GROUPS)
     assert len(OPTIONS) >= 25
 
@@ -35,9 +37,11 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     over = [f"{group}={option}"]
     if group == "teacher" and option == "hub":
         over.append("teacher.source=org/some-model")
+    if group == "loss" and (CONF_DIR / "method" / f"{option}.yaml").is_file():
+        over.append(f"method={option}")  # a method's own loss option, with that method
     cfg = composed(over, tmp_path)
-    # the pieces are accepted by the code that consumes them
-    LossConfig(**cfg["loss"])
+    # the pieces are accepted by the code that consumes them: the loss by the active method's settings
+    method_class(cfg["method"]["_target_"]).loss_config(**cfg["loss"])
     CloneConfig(**cfg["student"]).validate(teacher_hidden_size=4096, num_teacher_layers=36)
     validate_optim({**cfg["optim"]})
     assert cfg["trainer"]["_target_"] == "lightning.Trainer"

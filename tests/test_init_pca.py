@@ -161,7 +161,7 @@ def test_distill_module_calibrates_pca_on_the_first_training_sequences(tmp_path)
 
     from lrc.data.datamodule import TokenMixDataModule
     from lrc.teachers import tiny_tokenizer
-    from lrc.training.module import DistillModule
+    from lrc.methods.lrc import LRCModule
 
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i}: " + "some plain words " * (i % 5 + 2)}) + "\n"
@@ -180,7 +180,7 @@ def test_distill_module_calibrates_pca_on_the_first_training_sequences(tmp_path)
 
     teacher = {"source": "tiny-llama", "dtype": "float32", "tiny": {"num_layers": 2}}
     student = {"rank": 16, "init": "pca", "init_calibration_sequences": 6}
-    module = DistillModule(teacher=teacher, student=student)
+    module = LRCModule(teacher=teacher, student=student)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.validate(module, datamodule=datamodule(), verbose=False)
@@ -194,7 +194,7 @@ def test_distill_module_calibrates_pca_on_the_first_training_sequences(tmp_path)
             return [{"input_ids": calibration[:2]}]
 
     with pytest.raises(ValueError, match=r"student.init='pca' needs calibration data"):
-        trainer.validate(DistillModule(teacher=teacher, student=student), datamodule=NoCalibration(), verbose=False)
+        trainer.validate(LRCModule(teacher=teacher, student=student), datamodule=NoCalibration(), verbose=False)
 
 
 def test_lrc_distill_with_pca_at_full_rank_starts_at_the_teacher(tmp_path, capsys):

@@ -259,7 +259,7 @@ def test_trainable_state_roundtrip():
     [
         ({"rank": 0}, r"rank must be an integer in \[1, 64\]"),
         ({"rank": 65}, r"rank must be an integer in \[1, 64\]"),
-        ({"rank": 8, "layers": [0, 4]}, r"out of range \[0, 3\]: \[4\]"),
+        ({"rank": 8, "layers": [0, 4]}, r"CloneConfig.layers has indices out of range \[-4, 3\] \(4 layers\): \[4\]"),
         ({"rank": 8, "layers": [1, 1]}, "duplicated indices: \\[1\\]"),
         ({"rank": 8, "layers": []}, "layers is empty"),
         ({"rank": 8, "layers": [0], "layer_stride": 2}, "at most one of"),

@@ -28,7 +28,8 @@ from lrc.training.plan import (
     accumulation_steps, check_token_budget, declared_unique_tokens, device_count, tokens_per_step,
 )
 
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
+                     for p in (CONF_DIR / "experiment").rglob("*.yaml"))  # paper/fig3_lrc too
 # the paper's tokens per optimizer step (Table 10)
 PAPER = {"paper_lrc_1_5b": 49_152, "paper_lrc_1_7b": 32_768, "paper_lrc_4b": 32_768}
 
@@ -339,7 +340,7 @@ def test_project_stands_alone_and_method_doc_names_real_keys():
     assert len(named) >= 10
     for section, key in named:
         assert key in fields[section], f"docs/method.md names {section}.{key}"
-    for group, option in re.findall(r"`(experiment|data|optim)=(\w+)`", doc):
+    for group, option in re.findall(r"`(experiment|data|optim)=([\w/]+)`", doc):  # paper/fig3_lrc too
         assert (CONF_DIR / group / f"{option}.yaml").is_file(), f"{group}={option}"
     for experiment in PAPER:
         assert f"experiment={experiment}" in doc

@@ -539,7 +539,7 @@ def test_teacher_config_prefers_a_valid_conversion_cache(fake_gguf, tmp_path):
     [
         (["student.rank=32"], r"rank=32 cannot be exported.*nearest exportable ranks: 27, 36"),
         (["student.rank=1000"], r"rank must be an integer in \[1, 576\]"),
-        (["student.layers=[30]"], r"out of range \[0, 29\]"),
+        (["student.layers=[30]"], r"out of range \[-30, 29\] \(30 layers\)"),
         (["data.seq_len=9000"], "exceeds the teacher's maximum of 8192"),
     ],
 )

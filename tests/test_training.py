@@ -1,4 +1,4 @@
-"""DistillModule and schedules, on a tiny teacher with an in-memory data module."""
+"""The training loop (LRCModule, the default method) and schedules, on a tiny teacher and in-memory data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lrc.training.module import DistillModule, NonFiniteLossError
+from lrc.methods.lrc import LRCModule
+from lrc.training.module import NonFiniteLossError
 from lrc.training.schedules import lr_multiplier, warmup_steps_for
 
 TEACHER = {"source": "tiny-llama", "dtype": "float32", "tiny": {"num_layers": 2}}
@@ -59,7 +60,7 @@ class RandomTokens(L.LightningDataModule):
 def make_module(**kw):
     cfg = {"teacher": TEACHER, "student": {"rank": 16}, "loss": {"alpha": 0.5}, "optim": {"lr": 1e-2}}
     cfg.update(kw)
-    return DistillModule(**cfg)
+    return LRCModule(**cfg)
 
 
 def trainer(tmp_path, steps=4, **kw):

@@ -4,10 +4,14 @@ be ignored without a word (``+optim.lrr=0.1``) or fail deep inside a constructor
 
 What a key may be, by node:
 
+* ``method``: ``_target_`` must name a :class:`~lrc.training.module.DistillModule` subclass (the
+  active method); its other keys are that class's ``method_options()`` (``name`` and what its own
+  ``__init__`` adds);
 * a node with ``_target_`` (trainer, data, callbacks, loggers): a parameter of the target's
   signature (anything, when it takes ``**kwargs``); scalars are checked against the annotation;
-* ``student``, ``loss``, ``optim``, ``teacher``: a field of :class:`CloneConfig`,
-  :class:`LossConfig`, :data:`OPTIM_DEFAULTS` and a parameter of :func:`load_teacher`;
+* ``student``, ``loss``, ``optim``, ``teacher``: a field of :class:`CloneConfig`, of the active
+  method's ``loss_config`` (:class:`LossConfig` for lrc), a key of :data:`OPTIM_DEFAULTS` and a
+  parameter of :func:`load_teacher`;
 * every other node (the top level, ``log``, ``export``, ``paths`` ...): a key of ``distill.yaml`` or of
   one of the group's files; where that file's value is a number or a boolean, so must the value be.
 """
@@ -35,8 +39,9 @@ SKIP = {"hydra"}
 def check_config(cfg: DictConfig, conf_dir: Path) -> None:
     """Raise :class:`ConfigError` for the first unknown key or mistyped scalar, naming the key."""
     reference = reference_tree(str(conf_dir))
+    method = _method(cfg)
     for path, node in _nodes(cfg, ""):
-        allowed, types_ = _schema(path, node, reference)
+        allowed, types_ = _schema(path, node, reference, method)
         for key in node.keys():
             key = str(key)
             full = f"{path}.{key}" if path else key
@@ -48,7 +53,9 @@ def check_config(cfg: DictConfig, conf_dir: Path) -> None:
                     raise ConfigError(f"{full} must be a config with a _target_ (a callback class) or null, got {child!r}")
                 continue
             if allowed is not None and key not in allowed and key not in HYDRA_KEYS:
-                raise ConfigError(f"unknown key {full}{_did_you_mean(key, allowed, path)}")
+                note = f"; method {method.default_name or method.__name__} reads {', '.join(sorted(allowed))}" \
+                    if path in ("loss", "method") else ""
+                raise ConfigError(f"unknown key {full}{_did_you_mean(key, allowed, path)}{note}")
             if key in types_:
                 _check_scalar(full, _value(node, key), types_[key])
 
@@ -90,11 +97,26 @@ def _did_you_mean(key: str, allowed: set[str], path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- schemas
-def _schema(path: str, node: DictConfig, reference: dict[str, Any]) -> tuple[set[str] | None, dict[str, Any]]:
+def _method(cfg: DictConfig) -> type:
+    """The active method's class (``method._target_``; lrc when the config has no ``method``)."""
+    from lrc.training.module import method_class
+
+    try:
+        return method_class(OmegaConf.select(cfg, "method._target_", default=None))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _schema(path: str, node: DictConfig, reference: dict[str, Any], method: type) -> tuple[set[str] | None, dict[str, Any]]:
     """``(allowed keys or None for any, {key: expected type})`` for the node at ``path``."""
+    if path == "method":
+        options = method.method_options()
+        return set(options), options
     if "_target_" in node:
         return _signature_schema(str(node["_target_"]))
-    if path in ("student", "loss", "optim", "teacher"):
+    if path == "loss":
+        return _dataclass_schema(method.loss_config)
+    if path in ("student", "optim", "teacher"):
         return _code_schema(path)
     if path in OPEN_NODES:
         return None, {}
@@ -184,12 +206,14 @@ def _code_schema(section: str) -> tuple[set[str], dict[str, Any]]:
         from lrc.teachers import load_teacher
 
         return _signature_schema(f"{load_teacher.__module__}.{load_teacher.__name__}")  # type: ignore[return-value]
-    if section == "student":
-        from lrc.model import CloneConfig as cls
-    else:
-        from lrc.losses import LossConfig as cls
-    hints = typing.get_type_hints(cls)
-    return {f.name for f in dataclasses.fields(cls)}, hints
+    from lrc.model import CloneConfig
+
+    return _dataclass_schema(CloneConfig)
+
+
+@lru_cache(maxsize=None)
+def _dataclass_schema(cls: type) -> tuple[set[str], dict[str, Any]]:
+    return {f.name for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
 
 
 # ------------------------------------------------------------------------------ scalars

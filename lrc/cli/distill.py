@@ -3,6 +3,7 @@
     lrc-distill                                    # the embedded default (SmolLM2-135M, rank 288)
     lrc-distill student.rank=144 loss.alpha=0.5    # any key can be overridden
     lrc-distill -m student.rank=144,288 loss.alpha=0.2,0.5
+    lrc-distill method=kd loss.w_kl=2              # a baseline (conf/method/*.yaml), same student shape
     lrc-distill hydra.run.dir=runs/lrc/<run> ckpt_path=last   # resume
 """
 
@@ -26,9 +27,9 @@ from lrc.cli.common import CONF_DIR, ConfigError, is_rank_zero, lock_run_dir, pr
 EXPORT_DTYPES = (None, "float32", "bfloat16", "float16")
 #: What a start that never reached a checkpoint may have left; set aside when the directory is reused.
 LEFTOVERS = ("config.yaml", "checkpoints", "csv", "tensorboard", "curves.csv", "error.txt")
-#: Settings a resume must keep: they fix the teacher and the shapes of the trainable tensors.
+#: Settings a resume must keep: they fix the method, the teacher and the shapes of the trainable tensors.
 RESUME_KEYS = (
-    "teacher.source", "teacher.tiny", "student.rank", "student.attn_sharing", "student.ffn_sharing",
+    "method._target_", "teacher.source", "teacher.tiny", "student.rank", "student.attn_sharing", "student.ffn_sharing",
     "student.tie_head_projection", "student.layers", "student.layer_stride", "student.param_dtype",
 )
 
@@ -75,21 +76,19 @@ def check_accelerator(t: DictConfig) -> None:
 
 
 def check_teacher_fit(cfg: DictConfig) -> None:
-    """Check the student (rank range, a rank transformers can export, kept layers, clone-term layers)
-    and ``data.seq_len`` against the teacher's config alone (:func:`lrc.teachers.teacher_config`):
-    no weight is loaded, downloaded or converted and nothing is written."""
-    from lrc.losses import LossConfig, LRCLoss
-    from lrc.model import CloneConfig
+    """Check ``data.seq_len`` and, through the method's ``check_settings``, the student and loss
+    settings (for lrc: rank range, a rank transformers can export, kept layers, clone-term layers)
+    against the teacher's config alone (:func:`lrc.teachers.teacher_config`): no weight is loaded,
+    downloaded or converted and nothing is written."""
     from lrc.teachers import teacher_config
+    from lrc.training.module import method_class
 
     teacher = teacher_config(**OmegaConf.to_container(cfg.teacher, resolve=True))
     max_len = int(getattr(teacher, "max_position_embeddings", 0) or 0)
     if max_len and int(cfg.data.seq_len) > max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's maximum of {max_len} positions")
-    student = CloneConfig(**OmegaConf.to_container(cfg.student, resolve=True))
-    student.validate_for(teacher)
-    loss = LRCLoss(LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)))
-    loss.check_layers(student.kept_layers(int(teacher.num_hidden_layers)))
+    method = method_class(OmegaConf.select(cfg, "method._target_"))
+    method.check_settings(teacher, *(OmegaConf.to_container(cfg[k], resolve=True) for k in ("student", "loss")))
 
 
 def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
@@ -151,10 +150,14 @@ def check_resume(cfg: DictConfig, ckpt: str) -> None:
     """The checkpoint must be readable and written for this teacher and student shape."""
     from lrc.training.checkpoint_io import load_checkpoint
 
+    from lrc.training.module import DEFAULT_METHOD
+
     state = load_checkpoint(ckpt, mmap=True)
     saved = OmegaConf.create((state.get("lrc") or {}).get("config") or {})
     if not saved:  # written before checkpoints carried the run config: the shape check on load decides
         return
+    if "method" not in saved:  # written before the method was a choice: it was lrc
+        saved.method = {"_target_": DEFAULT_METHOD}
     diffs = []
     for key in RESUME_KEYS:
         was, now = (_plain_select(c, key) for c in (saved, cfg))
@@ -267,7 +270,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from lrc.teachers import load_teacher
     from lrc.training.callbacks import GracefulShutdown
     from lrc.training.curves import CURVES_FILE, CurvesLogger
-    from lrc.training.module import DistillModule, NonFiniteError
+    from lrc.training.module import NonFiniteError
 
     out, ckpt = check_static(cfg)
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
@@ -281,17 +284,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.set_tokenizer(tokenizer)
     datamodule.check_data()  # reads and packs the data now (cached): bad rows, too little data, no validation
 
-    module = DistillModule(
-        teacher=teacher_kw,
-        student=container["student"],
-        loss=container["loss"],
-        optim=container["optim"],
-        log=container["log"],
-        document_mask=bool(cfg.document_mask),
-        teacher_model=teacher,
-        tokenizer=tokenizer,
-        run_config=container,
-    )
+    module = build_module(container, teacher, tokenizer)
     callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     curves = CurvesLogger(out / CURVES_FILE, tokens=lambda: module.tokens_seen)  # whatever the logger group
     trainer = build_trainer(cfg, callbacks, extra_loggers=(curves,))
@@ -313,7 +306,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     wall = time.perf_counter() - start
     summary: dict[str, Any] = {
         "status": "finished",
-        **run_identity(cfg),
+        **run_identity(cfg, module.method_name),
         "run_dir": str(out.resolve()),
         "tokens_seen": int(module.tokens_seen),
         "steps": int(trainer.global_step),
@@ -341,7 +334,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     })
     if cfg.export.enabled:
         dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
-        path = module.clone.save_student(out / "student", dtype=dtype, overwrite=True)
+        path = module.save_student(out / "student", dtype=dtype, overwrite=True)
         summary["export_dir"] = str(path.resolve())
         summary["answer"] = greedy_answer(path, cfg.summary.prompt, int(cfg.summary.max_new_tokens))
         summary["prompt"] = cfg.summary.prompt
@@ -368,37 +361,47 @@ def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """``method``, ``seed`` and the job's command-line ``overrides`` (empty outside ``@hydra.main``,
-    e.g. through the Python API), recorded in ``metrics.json`` for ``lrc-collect``."""
-    choices: dict[str, Any] = {}
+def build_module(container: dict[str, Any], teacher: Any, tokenizer: Any) -> Any:
+    """The method's LightningModule: the class ``method._target_`` names, built with the ``method``
+    node's own options and the settings every method shares. Nothing here knows which method runs."""
+    from lrc.training.module import method_class
+
+    options = dict(container.get("method") or {})
+    cls = method_class(options.pop("_target_", None))
+    return cls(
+        teacher=container["teacher"],
+        student=container["student"],
+        loss=container["loss"],
+        optim=container["optim"],
+        log=container["log"],
+        document_mask=bool(container["document_mask"]),
+        teacher_model=teacher,
+        tokenizer=tokenizer,
+        run_config=container,
+        **options,
+    )
+
+
+def run_identity(cfg: DictConfig, method: str) -> dict[str, Any]:
+    """``method`` (the module's ``method_name``: ``method.name``), ``seed`` and the job's
+    command-line ``overrides`` (empty outside ``@hydra.main``, e.g. through the Python API),
+    recorded in ``metrics.json`` for ``lrc-collect``."""
     overrides: list[str] = []
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        hydra_cfg = HydraConfig.get()
-        choices, overrides = dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+        overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # HydraConfig is not set: not running under @hydra.main
         pass
-    method = cfg.get("method")
-    if not isinstance(method, str):
-        method = choices.get("method") or (method.get("name") if method is not None else None) or "lrc"
     return {"method": str(method), "seed": int(cfg.seed), "overrides": overrides}
 
 
 def parameter_counts(module: Any) -> dict[str, int]:
-    """Trainable parameters, and the parameters of the exported student (built on the meta device,
-    so nothing is allocated; a tied embedding and head count once)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lrc.model.export import student_config
-
-    with torch.device("meta"):
-        student = AutoModelForCausalLM.from_config(student_config(module.clone))
+    """Trainable parameters, and the parameters of the exported student (the method's
+    ``deployed_parameter_count``: built on the meta device, a tied embedding and head counted once)."""
     return {
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        "deployed": sum(p.numel() for p in student.parameters()),
+        "deployed": module.deployed_parameter_count(),
     }
 
 

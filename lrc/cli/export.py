@@ -1,7 +1,8 @@
 """``lrc-export ckpt=PATH out=DIR [dtype=bfloat16] [overwrite=true]``
 
-Writes the merged plain transformers student from a distillation checkpoint alone: the checkpoint
-holds the resolved config (teacher source, student, loss), so no training flag is repeated.
+Writes the plain transformers student from a distillation checkpoint alone, whatever the method:
+the checkpoint records the method's class and holds the resolved config (teacher source, student,
+loss), so no training flag is repeated.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Merge the student of ``ckpt`` and write it to ``out``. Every argument is checked, and the
-    checkpoint read safely (:func:`lrc.training.checkpoint_io.load_checkpoint`), before the teacher
-    is loaded; a checkpoint with a NaN / Inf tensor is refused."""
+    """Rebuild the method of ``ckpt`` (the class it records, a :class:`DistillModule` subclass; lrc
+    for checkpoints that name none) and write its student to ``out``. Every argument is checked, and
+    the checkpoint read safely (:func:`lrc.training.checkpoint_io.load_checkpoint`), before the
+    teacher is loaded; a checkpoint with a NaN / Inf tensor is refused."""
     import torch
 
     from lrc.training.checkpoint_io import load_checkpoint
-    from lrc.training.module import DistillModule
+    from lrc.training.module import method_class
 
     ckpt, out = Path(ckpt), Path(out)
     if dtype not in DTYPES:
@@ -49,11 +51,15 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     state = load_checkpoint(ckpt)
     if "hyper_parameters" not in state:
         raise ConfigError(f"{ckpt} is not an lrc-distill checkpoint (no hyper_parameters)")
-    module = DistillModule(**state["hyper_parameters"])
+    try:
+        cls = method_class((state.get("lrc") or {}).get("method_target"))
+    except ValueError as err:
+        raise ConfigError(f"{ckpt} was not written by a method lrc can rebuild: {err}") from None
+    module = cls(**state["hyper_parameters"])
     module.configure_model(restoring=True)  # the checkpoint's tensors replace any init (pca needs no data here)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
-    return module.clone.save_student(out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+    return module.save_student(out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,22 +6,26 @@ LRC export's shape, trained with CE + KL against the frozen teacher.
     terms = kd_loss(out.student_logits, out.teacher_logits, input_ids, token_mask=out.token_mask)
     terms["loss"].backward()                                 # "loss", "ce", "kl"
     model.save_student("my-student")
+
+:class:`KDModule` is ``method=kd`` of lrc-distill: this model and loss in the shared training loop.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lrc.losses import KL_REDUCTIONS, kl_divergence, next_token_cross_entropy
 from lrc.methods.students import kept_teacher_layers, random_student, save_plain_student
-from lrc.model.adapters import check_teacher
+from lrc.model import CloneConfig
+from lrc.model.adapters import check_teacher, teacher_arch
 from lrc.model.functional import attention_mask_for, position_ids_for
+from lrc.training.module import DistillModule
 
 
 def check_kd_weights(w_ce: float, w_kl: float, temperature: float, kl_reduction: str) -> None:
@@ -226,3 +230,84 @@ class KDModel(nn.Module):
         return save_plain_student(
             self.student, path, tokenizer=self.tokenizer, metadata=meta, dtype=dtype, overwrite=overwrite
         )
+
+
+# ----------------------------------------------------------------------------- method=kd
+@dataclass
+class KDLossConfig:
+    """The ``loss`` settings of ``method=kd`` (:func:`kd_loss`): ``w_ce``, ``w_kl``, ``temperature``,
+    ``kl_reduction`` and ``kl_tau_squared``, with the LRC objective's meaning and defaults."""
+
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    temperature: float = 40.0
+    kl_reduction: str = "sequence_sum"
+    kl_tau_squared: bool = False
+
+    def __post_init__(self) -> None:
+        check_kd_weights(self.w_ce, self.w_kl, self.temperature, self.kl_reduction)
+
+
+#: ``student`` keys only the low-rank clone reads (``extra``: provenance its export writes); a
+#: baseline refuses any value but CloneConfig's default.
+LRC_ONLY_STUDENT_KEYS = ("attn_sharing", "ffn_sharing", "init", "init_calibration_sequences", "extra")
+
+
+def plain_student_settings(student: Mapping[str, Any], teacher: nn.Module) -> dict[str, Any]:
+    """:meth:`KDModel.from_teacher` keyword arguments for the ``student`` settings: the shape the LRC
+    export has for them (``rank``; ``layers`` / ``layer_stride``; ``rms_norm_eps``; an embedding tied
+    to the head exactly when the teacher ties its own and ``tie_head_projection`` is not false) and a
+    normal init of ``init_std`` seeded by ``seed``, in ``param_dtype``."""
+    config = CloneConfig(**student)
+    arch = teacher_arch(teacher)
+    return {
+        "rank": config.rank,
+        "kept_layers": config.kept_layers(arch.num_layers),
+        "seed": config.seed,
+        "init_std": config.init_std,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": arch.tied_embeddings and config.tie_head_projection is not False,
+        "dtype": config.torch_param_dtype() or next(teacher.parameters()).dtype,
+    }
+
+
+class KDModule(DistillModule):
+    """``method=kd``: a randomly initialised plain student of the LRC export's shape, trained with
+    CE + KL (:func:`kd_loss`). ``student`` takes :class:`~lrc.model.CloneConfig`'s keys; those only the
+    clone reads (:data:`LRC_ONLY_STUDENT_KEYS`) must keep their defaults. Every student matrix is
+    decayed by ``optim.weight_decay``; norm gains and biases are not."""
+
+    default_name = "kd"
+    loss_config: type = KDLossConfig
+    model_class: type[KDModel] = KDModel
+    param_group_names = ("weights", "norms_and_biases")
+
+    @classmethod
+    def check_settings(cls, teacher_config: Any, student: Mapping[str, Any], loss: Mapping[str, Any]) -> None:
+        config = CloneConfig(**student)
+        for key in LRC_ONLY_STUDENT_KEYS:
+            spec = next(f for f in fields(CloneConfig) if f.name == key)
+            default = spec.default if spec.default is not MISSING else spec.default_factory()
+            if getattr(config, key) != default:
+                raise ValueError(
+                    f"student.{key}={getattr(config, key)!r} is a low-rank clone setting that "
+                    f"method={cls.default_name} does not use; leave it at {default!r}"
+                )
+        config.validate_for(teacher_config)  # rank, kept layers: the same student the LRC export has
+        cls.loss_config(**loss)
+
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`model_class`'s constructor beyond the student's shape."""
+        return {}
+
+    def build_model(self, teacher: nn.Module, tokenizer: Any, restoring: bool) -> KDModel:
+        self.check_settings(teacher.config, self.student_cfg, asdict(self.loss_settings))
+        settings = plain_student_settings(self.student_cfg, teacher)
+        return self.model_class.from_teacher(teacher, tokenizer=tokenizer, **settings, **self.model_options())
+
+    def loss_terms(self, out: DistillOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return kd_loss(out.student_logits, out.teacher_logits, batch["input_ids"], batch.get("labels"),
+                       out.token_mask, **asdict(self.loss_settings))
+
+    def deployed_config(self) -> Any:
+        return self.model.student.config

@@ -12,20 +12,22 @@
 
 Both models run with transformers' eager attention (the only implementation that returns
 probabilities); the maps train with the student but are not exported.
+
+:class:`TinyBERTModule` is ``method=tinybert`` of lrc-distill: this model and loss in the shared loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lrc.losses import masked_mse
-from lrc.methods.kd import DistillOutput, KDModel, kd_loss, run_causal_lm
+from lrc.methods.kd import DistillOutput, KDLossConfig, KDModel, KDModule, kd_loss, run_causal_lm
 
 
 @dataclass
@@ -221,3 +223,45 @@ class TinyBERTModel(KDModel):
             student_attn=s["attn"],
             teacher_attn=t["attn"],
         )
+
+
+# ----------------------------------------------------------------------- method=tinybert
+@dataclass
+class TinyBERTLossConfig(KDLossConfig):
+    """The ``loss`` settings of ``method=tinybert`` (:func:`tinybert_loss`): those of
+    :class:`~lrc.methods.kd.KDLossConfig` plus ``w_hidden`` and ``w_attn``."""
+
+    w_hidden: float = 1.0
+    w_attn: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("w_hidden", "w_attn"):
+            if not float(getattr(self, key)) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+
+
+class TinyBERTModule(KDModule):
+    """``method=tinybert``: :class:`~lrc.methods.kd.KDModule`'s student, trained with
+    :func:`tinybert_loss`. ``shared_map``: one D x d hidden-state map for every layer (as in the
+    TinyBERT code) instead of one per layer. The maps train (and are decayed) with the student but
+    are not exported; the terms are logged as ``train/hidden``, ``train/attn`` and, per layer,
+    ``train_layers/tinybert/{hidden,attn}/<layer>``."""
+
+    default_name = "tinybert"
+    loss_config = TinyBERTLossConfig
+    model_class = TinyBERTModel
+
+    def __init__(self, *, shared_map: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shared_map = bool(shared_map)
+
+    def model_options(self) -> dict[str, Any]:
+        return {"shared_map": self.shared_map}
+
+    def forward_options(self, training: bool) -> dict[str, Any]:
+        c = self.loss_settings  # validation needs the logits only
+        return {"features": training and (c.w_hidden > 0 or c.w_attn > 0)}
+
+    def loss_terms(self, out: TinyBERTOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tinybert_loss(out, batch["input_ids"], batch.get("labels"), **asdict(self.loss_settings))

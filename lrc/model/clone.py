@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lrc.losses import TermRequest
+from lrc.losses import OUTPUT_ALIGNMENTS, TermRequest
 from lrc.model.adapters import (
     TeacherArch,
     teacher_arch,
@@ -69,9 +69,13 @@ class LowRankClone(nn.Module):
         generation_config: Any = None,
         calibration: Calibration | None = None,
         restoring: bool = False,
+        output_alignment: str = "free",
     ) -> None:
         super().__init__()
         config.validate_for(teacher_config)
+        if output_alignment not in OUTPUT_ALIGNMENTS:
+            raise ValueError(f"output_alignment must be one of {OUTPUT_ALIGNMENTS}, got {output_alignment!r}")
+        self.output_alignment = output_alignment
         self.arch = arch
         self.config = config
         self.teacher_config = teacher_config
@@ -111,6 +115,10 @@ class LowRankClone(nn.Module):
             )
             for i, w in enumerate(layer_weights)
         )
+        if output_alignment == "learned":  # drawn after every projection, which stay as without them
+            for layer in self.layers:
+                if layer.is_student:
+                    layer.add_output_alignment(config.init_std, gen, zero=restoring)
         self.rotary = rotary
         if calibration is not None:
             self._set_gains(calibration.gains)
@@ -131,6 +139,7 @@ class LowRankClone(nn.Module):
         *,
         calibration_ids: torch.Tensor | None = None,
         restoring: bool = False,
+        output_alignment: str = "free",
     ) -> "LowRankClone":
         """Clone a loaded transformers causal LM (Llama / Qwen2 / Qwen3). Its weights are shared,
         not copied, and frozen; ``tokenizer`` (optional) is saved beside exported students.
@@ -139,6 +148,8 @@ class LowRankClone(nn.Module):
         ``init="pca"``, which requires them; inits that need no data ignore them.
         ``restoring=True``: the trainable tensors are about to be loaded from a checkpoint, so no
         init runs (projections start at zero, gains at one) and no calibration data is needed.
+        ``output_alignment="learned"``: every kept layer also gets trainable alignment matrices for
+        its attention and FFN outputs (``LossConfig.output_alignment``; training-only, never exported).
         """
         arch = teacher_arch(teacher)  # raises ValueError for unsupported teachers
         config.validate_for(teacher.config)
@@ -167,6 +178,7 @@ class LowRankClone(nn.Module):
             generation_config=copy.deepcopy(getattr(teacher, "generation_config", None)),
             calibration=calibration,
             restoring=restoring,
+            output_alignment=output_alignment,
         )
 
     # ------------------------------------------------------------------------------- forward
@@ -186,6 +198,11 @@ class LowRankClone(nn.Module):
         layer, attention output in teacher space, nothing detached); pass ``LRCLoss.request``.
         """
         request = TermRequest() if terms is None else terms
+        if request.output_alignment == "learned" and request.terms and self.output_alignment != "learned":
+            raise ValueError(
+                "the clone terms ask for learned output alignment but this clone has no alignment matrices: "
+                "build it with output_alignment='learned'"
+            )
         if request.layers is not None:
             missing = sorted(set(request.layers) - set(self.student_layers))
             if missing:
@@ -219,10 +236,16 @@ class LowRankClone(nn.Module):
             for name, p in layer.norms.items():
                 yield f"layers.{layer.index}.{name}_norm", p
 
+    def named_alignments(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``layers.{i}.align_{o,down}`` (D x d each) with ``output_alignment="learned"``; none otherwise."""
+        for layer in self.layers:
+            yield from layer.named_alignments()
+
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Every trainable tensor under a stable name (projections, then gains)."""
+        """Every trainable tensor under a stable name (projections, gains, then any alignment matrices)."""
         yield from self.named_projections()
         yield from self.named_student_norms()
+        yield from self.named_alignments()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes (no teacher weight): for small checkpoints."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
+from lrc.layer_select import LayerSpec, plain_layer_spec, select_layers
 from lrc.model.init import ProjectionInit, get_projection_init, init_requires_untied_head
 
 SHARING_MODES = ("all", "io")
@@ -23,8 +24,11 @@ class CloneConfig:
     ffn_sharing:        "all" = separate Pgate, Pup; "io" = one shared Pgate_up.
     tie_head_projection: Phead = Pembed. ``None`` = tie exactly when the teacher ties its head
                         (never with an init that needs its own head projection, like "pca").
-    layers:             teacher layer indices the student keeps (``None`` = all).
-    layer_stride:       keep every k-th teacher layer (0, k, 2k, ...); exclusive with ``layers``.
+    layers:             the teacher layers the student keeps, as a layer spec of
+                        :mod:`lrc.layer_select` (``None`` = all; a list of indices, negative ones
+                        counted from the end; ``{"every": k}``, ``{"first": k}``, ``{"last": k}``,
+                        ``{"fraction": f}``), so one setting fits any teacher.
+    layer_stride:       deprecated alias of ``layers={"every": k}``; exclusive with ``layers``.
     init:               registered initialiser name (see :mod:`lrc.model.init`) or a callable;
                         "pca" (:mod:`lrc.model.pca`) needs calibration data.
     init_calibration_sequences: training sequences the trainer hands a data-aware init ("pca").
@@ -39,7 +43,7 @@ class CloneConfig:
     attn_sharing: Literal["all", "io"] = "all"
     ffn_sharing: Literal["all", "io"] = "all"
     tie_head_projection: bool | None = None
-    layers: Sequence[int] | None = None
+    layers: LayerSpec = None
     layer_stride: int | None = None
     init: str | ProjectionInit = "normal"
     init_std: float = 0.02
@@ -55,23 +59,13 @@ class CloneConfig:
         if self.layers is not None and self.layer_stride is not None:
             raise ValueError("CloneConfig: set at most one of 'layers' and 'layer_stride'")
         if self.layer_stride is not None:
-            if not isinstance(self.layer_stride, int) or not 1 <= self.layer_stride <= n:
+            k = self.layer_stride
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
                 raise ValueError(
                     f"CloneConfig.layer_stride must be an integer in [1, {n}], got {self.layer_stride!r}"
                 )
-            return list(range(0, n, self.layer_stride))
-        if self.layers is None:
-            return list(range(n))
-        layers = list(self.layers)
-        if not layers:
-            raise ValueError("CloneConfig.layers is empty; give at least one teacher layer index or None for all")
-        bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n]
-        if bad:
-            raise ValueError(f"CloneConfig.layers has indices out of range [0, {n - 1}]: {bad}")
-        dups = sorted({i for i in layers if layers.count(i) > 1})
-        if dups:
-            raise ValueError(f"CloneConfig.layers has duplicated indices: {dups}")
-        return sorted(layers)
+            return select_layers({"every": k}, n, "CloneConfig.layer_stride")
+        return select_layers(self.layers, n, "CloneConfig.layers")
 
     def validate(self, teacher_hidden_size: int, num_teacher_layers: int) -> None:
         """Raise ``ValueError`` naming the key and the allowed range for any bad value."""
@@ -116,7 +110,7 @@ class CloneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["layers"] = None if self.layers is None else list(self.layers)
+        d["layers"] = plain_layer_spec(self.layers)
         if callable(self.init):
             d["init"] = getattr(self.init, "__qualname__", repr(self.init))
         return d

@@ -82,6 +82,7 @@ class CloneDecoderLayer(nn.Module):
         self.attn_sharing, self.ffn_sharing = attn_sharing, ffn_sharing
         self.proj = nn.ParameterDict()
         self.norms = nn.ParameterDict()
+        self.align = nn.ParameterDict()  # training-only output aligners (add_output_alignment)
         if rank is None:
             return
         d_t = teacher["wq"].shape[1]
@@ -117,6 +118,23 @@ class CloneDecoderLayer(nn.Module):
             )
             init(p, ctx)
         return p
+
+    def add_output_alignment(self, std: float, generator: torch.Generator | None, zero: bool = False) -> None:
+        """Trainable alignment matrices for ``output_alignment="learned"`` (the paper's "without
+        alignment-free" ablation): ``align["o"]`` and ``align["down"]``, each D x d, mapping the
+        student's attention / FFN output to the teacher's width, N(0, ``std``) like the reference
+        code's extra aligners (zeros with ``zero``: a checkpoint fills them). Training-only: the
+        merged student (:meth:`student_weights`) never uses them."""
+        ref = self.proj["o"]
+        for name in ("o", "down"):
+            a = torch.zeros(ref.shape, dtype=ref.dtype)
+            if not zero:
+                a.normal_(0.0, std, generator=generator)
+            self.align[name] = nn.Parameter(a.to(ref.device))
+
+    def named_alignments(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.align.items():
+            yield f"layers.{self.index}.align_{name}", p
 
     # ---------------------------------------------------------------------------------------
     def projection_for(self, key: str) -> torch.Tensor:
@@ -178,6 +196,7 @@ class CloneDecoderLayer(nn.Module):
                 projections=_ComputeView(self.proj, self.compute),
                 token_mask=token_mask,
                 layer=self.index,
+                alignments=_ComputeView(self.align, self.compute),
             )
         return x_s, x_t, terms
 

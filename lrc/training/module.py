@@ -1,18 +1,22 @@
-"""``DistillModule``: the Lightning glue around :class:`LowRankClone` and :class:`LRCLoss`."""
+"""``DistillModule``: the training loop every distillation method shares (a LightningModule), and
+:func:`method_class`, which finds a method's subclass by the name its config or checkpoint records.
+The methods themselves live in :mod:`lrc.methods` (``lrc``, ``kd``, ``tinybert``)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import time
-from typing import Any, Mapping
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from lrc.losses import LossConfig, LRCLoss, TermRequest, next_token_cross_entropy
-from lrc.model import CloneConfig, LowRankClone
-from lrc.model.init import init_calibrator
+from lrc.losses import next_token_cross_entropy
 from lrc.training.schedules import schedule_fn
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -55,14 +59,26 @@ def _plain(d: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class DistillModule(L.LightningModule):
-    """Distil a teacher into a low-rank clone.
+    """The training loop every distillation method shares: the optimizer (two named parameter
+    groups), the learning-rate schedule, logging, token counting, validation metrics, the NaN/Inf
+    checks and checkpoints that hold only what trains. It knows nothing of the method: a subclass,
+    one per method (``lrc/methods/<name>.py``, named by ``method._target_`` in the config), sets
+    :attr:`loss_config` and implements the hooks :meth:`check_settings`, :meth:`build_model`,
+    :meth:`loss_terms` and :meth:`deployed_config` (and, where the defaults do not fit,
+    :meth:`forward_options` and :meth:`decayed_parameters`). Keyword options its own ``__init__``
+    adds are the config's ``method.<key>`` (:meth:`method_options`).
+
+    The model a method builds takes ``(input_ids, attention_mask, segment_ids=..., **forward_options)``
+    and returns an object with ``student_logits``, ``teacher_logits`` and ``token_mask``; it has
+    ``named_trainable()`` and ``save_student(path, dtype=, overwrite=)``.
 
     Args:
         teacher: keyword arguments of :func:`lrc.teachers.load_teacher` (``source``, ``dtype``...).
-        student: keyword arguments of :class:`CloneConfig` (``rank``, sharing, layers, init...).
-        loss: keyword arguments of :class:`LossConfig`.
-        optim: ``name`` (adam|adamw), ``lr``, ``betas``, ``eps``, ``weight_decay`` (projections
-            only; RMSNorm gains are never decayed), ``schedule`` (linear|cosine|wsd|constant),
+        student: keyword arguments of :class:`~lrc.model.CloneConfig` (``rank``, layers... the
+            student's shape, shared by every method; sharing and init are the clone's).
+        loss: keyword arguments of the method's :attr:`loss_config`.
+        optim: ``name`` (adam|adamw), ``lr``, ``betas``, ``eps``, ``weight_decay`` (the method's
+            :meth:`decayed_parameters` only), ``schedule`` (linear|cosine|wsd|constant),
             ``warmup_ratio``, ``min_lr_ratio``, ``decay_ratio``; missing keys take
             :data:`OPTIM_DEFAULTS` (the paper's recipe, repeated by ``conf/optim/adam.yaml``).
         log: ``per_layer_every_n_steps`` (0 = never); missing keys take :data:`LOG_DEFAULTS`.
@@ -70,7 +86,17 @@ class DistillModule(L.LightningModule):
         teacher_model, tokenizer: an already loaded teacher (not saved in hyper-parameters);
             when absent, ``configure_model`` loads it from ``teacher``.
         run_config: the full resolved run config (lrc-distill's), saved in every checkpoint.
+        name: the name ``metrics.json`` records as ``method`` (default :attr:`default_name`).
     """
+
+    #: what ``metrics.json`` calls the method when the config gives no ``method.name``
+    default_name: ClassVar[str] = ""
+    #: the attribute the built model is registered under: the prefix of its checkpoint keys
+    model_attr: ClassVar[str] = "net"
+    #: the dataclass of the method's ``loss`` settings (its fields are the keys ``loss`` may hold)
+    loss_config: ClassVar[type]
+    #: names of the two optimizer groups: decayed by ``optim.weight_decay``, and never decayed
+    param_group_names: ClassVar[tuple[str, str]] = ("decayed", "not_decayed")
 
     def __init__(
         self,
@@ -83,19 +109,20 @@ class DistillModule(L.LightningModule):
         teacher_model: torch.nn.Module | None = None,
         tokenizer: Any = None,
         run_config: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher_model", "tokenizer", "run_config"])
         self.run_config = _plain(run_config)  # the whole resolved config, stored in checkpoints
         self.teacher_cfg = _plain(teacher)
         self.student_cfg = _plain(student)
-        self.loss_fn = LRCLoss(LossConfig(**_plain(loss)))
+        self.loss_settings = self.loss_config(**_plain(loss))
         self.optim_cfg = optim_settings(optim)
         self.log_cfg = {**LOG_DEFAULTS, **_plain(log)}
         self.document_mask = document_mask
-        # kept out of nn.Module registration: the clone shares (not copies) these weights
+        self.method_name = str(name or self.default_name or type(self).__name__)
+        # kept out of nn.Module registration: the model shares (not copies) these weights
         self._loaded = (teacher_model, tokenizer)
-        self.clone: LowRankClone | None = None
         self.tokens_seen = 0
         self.tokens_per_source: dict[str, int] = {}  # training tokens seen, by data source
         self._t_last: float | None = None
@@ -103,45 +130,95 @@ class DistillModule(L.LightningModule):
             {k: MeanMetric() for k in ("ce", "teacher_ce", "kl", "top1_agreement")}
         )
 
+    # ------------------------------------------------------------------------ method hooks
+    @classmethod
+    def check_settings(cls, teacher_config: Any, student: Mapping[str, Any], loss: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the key for ``student`` / ``loss`` settings this method cannot
+        train against a teacher of ``teacher_config`` (a transformers config: no weight is needed).
+        lrc-distill calls it before anything is loaded or written."""
+        raise NotImplementedError
+
+    def build_model(self, teacher: torch.nn.Module, tokenizer: Any, restoring: bool) -> torch.nn.Module:
+        """The model to train around the loaded ``teacher``. ``restoring=True`` (lrc-export): its
+        trainable tensors come from a checkpoint next, so an expensive init may be skipped."""
+        raise NotImplementedError
+
+    def loss_terms(self, out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"loss": the tensor to backpropagate, ...}`` for one batch. Keys with at most one
+        ``/`` are logged every step as ``train/<key>``; keys with two (``<kind>/<term>/<layer>``) every
+        ``log.per_layer_every_n_steps`` steps as ``train_layers/<key>``."""
+        raise NotImplementedError
+
+    def forward_options(self, training: bool) -> dict[str, Any]:
+        """Extra keyword arguments of the model's forward in training (``True``) and validation."""
+        return {}
+
+    def decayed_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trainable tensors ``optim.weight_decay`` applies to (default: every trainable matrix;
+        norm gains and biases are never decayed)."""
+        return [(n, p) for n, p in self.model.named_trainable() if p.ndim >= 2]
+
+    def deployed_config(self) -> Any:
+        """The transformers config of the exported student."""
+        raise NotImplementedError
+
+    @classmethod
+    def method_options(cls) -> dict[str, Any]:
+        """The keys the ``method`` config node may hold besides ``_target_``: ``name`` and the
+        keyword parameters a subclass's ``__init__`` adds, with their annotations."""
+        options: dict[str, Any] = {"name": str | None}
+        for klass in cls.__mro__:
+            if klass is DistillModule:
+                break
+            if "__init__" not in vars(klass):
+                continue
+            hints = typing.get_type_hints(klass.__init__)
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    options.setdefault(p.name, hints.get(p.name, Any))
+        return options
+
     # ------------------------------------------------------------------------------ model
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model :meth:`build_model` built (``None`` before :meth:`configure_model`)."""
+        return self._modules.get(self.model_attr)
+
     def configure_model(self, restoring: bool = False) -> None:
-        """Build the clone (Lightning calls this before fitting). ``restoring=True`` (lrc-export):
-        its trainable tensors come from a checkpoint next, so the init, and a data-aware init's
-        calibration, are skipped."""
-        if self.clone is not None:
+        """Build the model (Lightning calls this before fitting). ``restoring=True`` (lrc-export):
+        its trainable tensors come from a checkpoint next (see :meth:`build_model`)."""
+        if self.model is not None:
             return
         model, tok = self._loaded
         if model is None:
             from lrc.teachers import load_teacher
 
             model, tok = load_teacher(**self.teacher_cfg)
-        config = CloneConfig(**self.student_cfg)
-        ids = None if restoring else self._calibration_ids(config)
-        self.clone = LowRankClone.from_teacher(model, config, tokenizer=tok, calibration_ids=ids, restoring=restoring)
-        self.loss_fn.check_layers(self.clone.student_layers)
-        self.clone.train(self.training)  # the teacher came in eval mode; nothing here uses dropout
+        self.add_module(self.model_attr, self.build_model(model, tok, restoring))
+        self.model.train(self.training)  # the teacher came in eval mode; nothing here uses dropout
         self._loaded = (None, tok)
 
-    def _calibration_ids(self, config: CloneConfig) -> torch.Tensor | None:
-        """The data-aware init's calibration batch (``init: pca``): the datamodule's first
-        ``init_calibration_sequences`` training sequences (the same on every process and on a
-        resume, whose checkpoint then overwrites the init); ``None`` for inits without data."""
-        if init_calibrator(config.init) is None:
-            return None
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if not hasattr(datamodule, "calibration_batch"):
-            raise ValueError(
-                f"student.init={config.init!r} needs calibration data: fit with a datamodule that has "
-                "calibration_batch(n) (TokenMixDataModule)"
-            )
-        return datamodule.calibration_batch(config.init_calibration_sequences)
+    def save_student(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write the plain transformers student (with tokenizer and generation config) to ``path``."""
+        return self.model.save_student(path, dtype=dtype, overwrite=overwrite)
+
+    def deployed_parameter_count(self) -> int:
+        """Parameters of the exported student, counted on the meta device (nothing is allocated; a
+        tied embedding and head count once)."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            student = AutoModelForCausalLM.from_config(self.deployed_config())
+        return sum(p.numel() for p in student.parameters())
 
     def trainable_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold only what is trained: never the teacher's weights. A checkpoint whose
-        trainable tensors are not all finite is refused here, before anything is written."""
+        """Checkpoints hold only what is trained: never the teacher's weights; ``checkpoint["lrc"]``
+        adds the token counts, the run config and the method's class (``method_target``, which
+        lrc-export rebuilds). A checkpoint whose trainable tensors are not all finite is refused
+        here, before anything is written."""
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         bad = non_finite(checkpoint["state_dict"].items())
@@ -155,6 +232,7 @@ class DistillModule(L.LightningModule):
             "tokens_per_source": dict(self.tokens_per_source),
             "trainable_keys": sorted(keep),
             "config": self.run_config,
+            "method_target": f"{type(self).__module__}.{type(self).__qualname__}",  # what lrc-export rebuilds
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -180,14 +258,15 @@ class DistillModule(L.LightningModule):
         self.tokens_per_source = dict(checkpoint.get("lrc", {}).get("tokens_per_source", {}))
 
     # --------------------------------------------------------------------------- training
-    def _forward(self, batch: Mapping[str, torch.Tensor], terms: TermRequest):
+    def _forward(self, batch: Mapping[str, torch.Tensor], training: bool):
         seg = batch.get("segment_ids") if self.document_mask else None
-        return self.clone(batch["input_ids"], batch.get("attention_mask"), segment_ids=seg, terms=terms)
+        return self.model(batch["input_ids"], batch.get("attention_mask"), segment_ids=seg,
+                          **self.forward_options(training))
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
-        out = self._forward(batch, self.loss_fn.request)
-        terms = self.loss_fn(out, ids, labels=batch.get("labels"))
+        out = self._forward(batch, training=True)
+        terms = self.loss_terms(out, batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             bad = {k: v.item() for k, v in terms.items() if not torch.isfinite(v)}
@@ -258,7 +337,7 @@ class DistillModule(L.LightningModule):
     # ------------------------------------------------------------------------- validation
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
-        out = self._forward(batch, TermRequest(terms=()))
+        out = self._forward(batch, training=False)
         mask = out.token_mask
         labels = ids if mask is None else ids.masked_fill(~mask, -100)
         n = float(ids.numel() if mask is None else mask.sum())
@@ -298,17 +377,19 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two named optimizer groups, each parameter under the clone's stable name: ``projections``
-        (decayed by ``weight_decay``) and ``gains`` (the student RMSNorm gains, never decayed; any
-        other trainable tensor, such as a bias, would join them)."""
-        proj = list(self.clone.named_projections())
-        taken = {id(p) for _, p in proj}
-        rest = [(n, p) for n, p in self.clone.named_trainable() if id(p) not in taken]
+        """Two optimizer groups named by :attr:`param_group_names`, each parameter under the model's
+        own name (``named_trainable``): the method's :meth:`decayed_parameters` (decayed by
+        ``weight_decay``), then every other trainable tensor (never decayed). For ``lrc`` these are
+        ``projections`` and ``gains`` (the student RMSNorm gains)."""
+        decayed = list(self.decayed_parameters())
+        taken = {id(p) for _, p in decayed}
+        rest = [(n, p) for n, p in self.model.named_trainable() if id(p) not in taken]
         taken |= {id(p) for _, p in rest}
         rest += [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in taken]
+        names = self.param_group_names
         return [
-            {"name": "projections", "params": proj, "weight_decay": weight_decay},
-            {"name": "gains", "params": rest, "weight_decay": 0.0},
+            {"name": names[0], "params": decayed, "weight_decay": weight_decay},
+            {"name": names[1], "params": rest, "weight_decay": 0.0},
         ]
 
 
@@ -321,6 +402,26 @@ OPTIM_DEFAULTS = {
 }
 #: Logging defaults, repeated by the ``log`` block of ``conf/distill.yaml``.
 LOG_DEFAULTS = {"per_layer_every_n_steps": 10}
+#: The method of a config or checkpoint that names none (those written before methods were a choice).
+DEFAULT_METHOD = "lrc.methods.lrc.LRCModule"
+
+
+def method_class(target: str | None) -> type[DistillModule]:
+    """The :class:`DistillModule` subclass ``target`` (``package.module.Class``, a config's
+    ``method._target_`` or a checkpoint's ``method_target``) names; ``None``: :data:`DEFAULT_METHOD`.
+    ``ValueError`` naming ``target`` when it cannot be imported or is not a method."""
+    target = str(target or DEFAULT_METHOD)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"method._target_={target!r} cannot be imported: {err}") from None
+    if not (inspect.isclass(obj) and issubclass(obj, DistillModule) and hasattr(obj, "loss_config")):
+        raise ValueError(
+            f"method._target_={target!r} is not a distillation method (a subclass of "
+            f"lrc.training.module.DistillModule with a loss_config)"
+        )
+    return obj
 
 
 def optim_settings(optim: Mapping[str, Any] | None) -> dict[str, Any]:
