@@ -25,6 +25,7 @@ from lrc.methods.students import kept_teacher_layers, random_student, save_plain
 from lrc.model import CloneConfig
 from lrc.model.adapters import check_teacher, teacher_arch
 from lrc.model.functional import attention_mask_for, position_ids_for
+from lrc.model.trainable import load_trainable_state, trainable_state
 from lrc.training.module import DistillModule
 
 
@@ -199,18 +200,10 @@ class KDModel(nn.Module):
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_trainable()}
+        return trainable_state(self.named_trainable())
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_trainable())
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in own.items():
-                if p.shape != state[name].shape:
-                    raise ValueError(f"trainable state {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
-                p.copy_(state[name])
+        load_trainable_state(self.named_trainable(), state)
 
     # ------------------------------------------------------------------------------- export
     def to_hf(self, dtype: torch.dtype | None = None) -> nn.Module:

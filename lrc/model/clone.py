@@ -22,6 +22,7 @@ from lrc.model.config import CloneConfig
 from lrc.model.functional import AttentionShape, attention_mask_for, position_ids_for
 from lrc.model.init import Calibration, get_projection_init, init_calibrator, init_requires_untied_head
 from lrc.model.layers import CloneDecoderLayer, CloneEmbeddings
+from lrc.model.trainable import load_trainable_state, trainable_state
 
 
 def _zero_init(param: torch.Tensor, ctx: Any) -> None:
@@ -249,18 +250,10 @@ class LowRankClone(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes (no teacher weight): for small checkpoints."""
-        return {name: p.detach() for name, p in self.named_trainable()}
+        return trainable_state(self.named_trainable())
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_trainable())
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in own.items():
-                if p.shape != state[name].shape:
-                    raise ValueError(f"trainable state {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
-                p.copy_(state[name])
+        load_trainable_state(self.named_trainable(), state)
 
     # ------------------------------------------------------------------------------- export
     def to_hf(self, dtype: torch.dtype | None = None) -> nn.Module:
