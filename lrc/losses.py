@@ -31,6 +31,11 @@ CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")  # the paper's seven te
 KL_REDUCTIONS = ("sequence_sum", "token_mean")
 ATTN_OUT_SPACES = ("teacher", "student")
 OUTPUT_ALIGNMENTS = ("free", "learned")
+FFN_OUT_SPACES = ("student", "teacher")
+SHARED_PROJECTION_CHOICES = ("paper", "reference")
+#: per block: the term of a shared (IO) input projection, and the terms it replaces in the
+#: reference code's reading (``LossConfig.shared_projection_terms="reference"``)
+SHARED_INPUT_TERMS = {"attn": ("attn_in", ("q", "k", "v")), "ffn": ("ffn_in", ("gate", "up"))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +105,143 @@ def kl_divergence(
 
 
 # --------------------------------------------------------------------------------------------
+# CE and KL in chunks over positions (LossConfig.logit_chunk_size)
+# --------------------------------------------------------------------------------------------
+def _chunk_logits(x: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+    """Logits of one chunk of positions: ``x`` itself, or the hidden states ``x`` through ``head``."""
+    return x if head is None else F.linear(x, head)
+
+
+class _ChunkedCEKL(torch.autograd.Function):
+    """``w_ce * CE + w_kl * KL`` over positions in chunks of ``chunk`` rows, with its gradient
+    computed chunk by chunk in the forward (so no full-vocabulary tensor outlives its chunk).
+
+    Inputs are flattened over positions: ``x_s`` (N, k) student logits (``head_s`` None) or final
+    hidden states with ``head_s`` (V, k); the same for the teacher (no gradient). ``targets`` (N,)
+    holds the next token of each position or ``ignore_index``; ``ce_w`` / ``kl_w`` (N,) are the
+    per-position weights of the two sums (their reductions folded in). Returns (loss, ce, kl); only
+    ``loss`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x_s, head_s, x_t, head_t, targets, ce_w, kl_w, w_ce, w_kl, temperature, chunk, ignore_index,
+                need_grad):
+        n = x_s.shape[0]
+        ce = x_s.new_zeros((), dtype=torch.float32 if x_s.dtype in (torch.float16, torch.bfloat16) else x_s.dtype)
+        kl = ce.clone()
+        g_x = torch.empty_like(x_s) if need_grad and ctx.needs_input_grad[0] else None
+        g_head = None
+        if need_grad and head_s is not None and ctx.needs_input_grad[1]:
+            g_head = torch.zeros(head_s.shape, dtype=ce.dtype if head_s.dtype != torch.float64 else head_s.dtype,
+                                 device=head_s.device)
+        use_ce, use_kl = w_ce != 0, w_kl != 0
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _upcast(_chunk_logits(x_s[s:e], head_s))
+            dz = torch.zeros_like(z) if need_grad else None
+            if use_ce:
+                tgt = targets[s:e]
+                valid = tgt != ignore_index
+                logp = F.log_softmax(z, dim=-1)
+                picked = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                ce = ce + (-picked * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).sum()
+                if need_grad:
+                    d = logp.exp()
+                    d.scatter_add_(-1, tgt.clamp_min(0).unsqueeze(-1), -valid.to(z.dtype).unsqueeze(-1))
+                    dz.add_(d * (w_ce * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).unsqueeze(-1))
+                del logp
+            if use_kl:
+                with torch.no_grad():
+                    log_p = F.log_softmax(_upcast(_chunk_logits(x_t[s:e], head_t)).to(z.dtype) / temperature, dim=-1)
+                log_q = F.log_softmax(z / temperature, dim=-1)
+                p = log_p.exp()
+                per_pos = (p * (log_p - log_q)).sum(-1)
+                kl = kl + (per_pos * kl_w[s:e].to(z.dtype)).sum()
+                if need_grad:
+                    dz.add_((log_q.exp() - p) * (w_kl * kl_w[s:e].to(z.dtype) / temperature).unsqueeze(-1))
+                del log_p, log_q, p
+            if need_grad:
+                dz = dz.to(x_s.dtype if head_s is None else head_s.dtype)
+                if head_s is None:
+                    if g_x is not None:
+                        g_x[s:e] = dz
+                else:
+                    if g_x is not None:
+                        g_x[s:e] = dz @ head_s
+                    if g_head is not None:
+                        g_head += (dz.t() @ x_s[s:e]).to(g_head.dtype)
+            del z, dz
+        if g_head is not None:
+            g_head = g_head.to(head_s.dtype)
+        ctx.save_for_backward(g_x, g_head)
+        loss = w_ce * ce + w_kl * kl
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):  # noqa: ARG004 (ce and kl carry no gradient)
+        g_x, g_head = ctx.saved_tensors
+        g_x = None if g_x is None else g_x * g_loss.to(g_x.dtype)
+        g_head = None if g_head is None else g_head * g_loss.to(g_head.dtype)
+        return g_x, g_head, *([None] * 11)
+
+
+def chunked_ce_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    w_ce: float = 1.0,
+    w_kl: float = 1.0,
+    temperature: float = 1.0,
+    reduction: str = "sequence_sum",
+    tau_squared: bool = False,
+    token_mask: torch.Tensor | None = None,
+    student_head: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_ce * CE + w_kl * KL, CE, KL)`` as :func:`next_token_cross_entropy` and
+    :func:`kl_divergence` compute them, with the same values and gradients, but over chunks of
+    ``chunk_size`` positions, so at most one chunk of full-vocabulary fp32 tensors exists at a time.
+
+    ``student`` / ``teacher`` are (B, T, V) logits, or, with ``student_head`` / ``teacher_head``
+    (V, k), the (B, T, k) final hidden states (normalised) that those heads turn into logits: then
+    even the full logits are never materialised, and the gradient reaches the hidden states and the
+    student's head. The gradient of every chunk is computed in the forward and kept (the size of
+    the inputs, not of the logits); only the first value is differentiable, CE and KL are returned
+    detached, for logging. A weight of 0 skips its part (w_kl=0: no teacher logits at all).
+    """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    b, t = student.shape[:2]
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    valid = targets != ignore_index
+    ce_w = valid.to(torch.float64) / valid.sum()  # 0/0 = nan when no target, as F.cross_entropy
+    kl_w = torch.ones(b, t, dtype=torch.float64, device=student.device)
+    if token_mask is not None:
+        kl_w = kl_w * token_mask.to(kl_w.dtype)
+    if reduction == "sequence_sum":
+        kl_w = kl_w / b
+    else:
+        kl_w = kl_w / (kl_w.numel() if token_mask is None else token_mask.sum().clamp_min(1).to(kl_w.dtype))
+    if tau_squared:
+        kl_w = kl_w * temperature**2
+    need_grad = torch.is_grad_enabled() and (
+        student.requires_grad or (student_head is not None and student_head.requires_grad)
+    )
+    flat = lambda x: x.reshape(b * t, *x.shape[2:])  # noqa: E731
+    return _ChunkedCEKL.apply(
+        flat(student), student_head, flat(teacher), teacher_head, flat(targets), flat(ce_w), flat(kl_w),
+        float(w_ce), float(w_kl), float(temperature), int(chunk_size), ignore_index, need_grad,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # clone terms: a registry of per-layer activation terms
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -117,6 +259,11 @@ class TermRequest:
         "learned" (the paper's "without alignment-free" ablation): each layer's trainable alignment
         matrices A (D x d, ``TermContext.alignments``) map the student's attention and FFN outputs
         to the teacher's width, and o / down compare ``A y_s`` with the teacher's output ``y_t``.
+    ffn_out_space: "student" compares the student's FFN output (width d) with teacher o_ffn @ Pdown
+        (the paper; the reference code with separate Pgate, Pup); "teacher" compares the student's
+        FFN hidden activations through the teacher's own down_proj with the teacher's FFN output
+        (width D; Pdown does not appear), as the reference code does with one shared Pgate_up.
+        ``LRCLoss`` sets it (``LossConfig.shared_projection_terms``); ignored with learned alignment.
     """
 
     terms: tuple[str, ...] = CLONE_TERMS
@@ -125,6 +272,7 @@ class TermRequest:
     detach_down_target: bool = False
     detach_o_target: bool = False
     output_alignment: str = "free"
+    ffn_out_space: str = "student"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.terms if t not in _TERM_REGISTRY]
@@ -134,6 +282,8 @@ class TermRequest:
             raise ValueError(
                 f"TermRequest.output_alignment must be one of {OUTPUT_ALIGNMENTS}, got {self.output_alignment!r}"
             )
+        if self.ffn_out_space not in FFN_OUT_SPACES:
+            raise ValueError(f"TermRequest.ffn_out_space must be one of {FFN_OUT_SPACES}, got {self.ffn_out_space!r}")
 
     def wants(self, layer: int) -> bool:
         return bool(self.terms) and (self.layers is None or layer in self.layers)
@@ -147,6 +297,7 @@ class TermRequest:
             and self.detach_down_target == other.detach_down_target
             and self.detach_o_target == other.detach_o_target
             and self.output_alignment == other.output_alignment
+            and self.ffn_out_space == other.ffn_out_space
         )
         return set(other.terms) <= set(self.terms) and theirs <= mine and (same_how or not other.terms)
 
@@ -189,9 +340,10 @@ _TERM_REGISTRY: dict[str, _RegisteredTerm] = {}
 def register_clone_term(name: str, *, default_weight: float = 0.0) -> Callable[[CloneTerm], CloneTerm]:
     """Decorator: make ``fn(student, teacher, ctx) -> scalar`` the clone term ``name``.
 
-    ``student`` / ``teacher`` are one layer's activations (keys q, k, v, attn, o, gate, up, down
-    of :func:`lrc.model.functional.decoder_layer`; widths d for o and down of the student, D for
-    the teacher's), ``ctx`` a :class:`TermContext`.  Return an unweighted scalar (use
+    ``student`` / ``teacher`` are one layer's activations (keys q, k, v, attn, o, gate, up,
+    ffn_hidden, down, attn_input, ffn_input of :func:`lrc.model.functional.decoder_layer`; widths
+    d for the student's o, down and normalised inputs, D for the teacher's), ``ctx`` a
+    :class:`TermContext`.  Return an unweighted scalar (use
     :func:`masked_mse` with ``ctx.token_mask``).  ``default_weight`` is the weight when
     ``LossConfig.term_weights`` does not name the term: 0 (off) unless given, 1 for the paper's seven.
     """
@@ -256,12 +408,38 @@ for _name in ("gate", "up"):
 
 @register_clone_term("down", default_weight=1.0)
 def ffn_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
-    """down: student o_ffn (width d) vs teacher o_ffn @ Pdown; with learned alignment, A_down times
-    student o_ffn vs teacher o_ffn (width D)."""
+    """down: student o_ffn (width d) vs teacher o_ffn @ Pdown, or (``ffn_out_space="teacher"``)
+    the student's FFN hidden activations through the teacher's down_proj vs teacher o_ffn (width
+    D); with learned alignment, A_down times student o_ffn vs teacher o_ffn (width D)."""
     if ctx.request.output_alignment == "learned":
         return _aligned_output_mse("down", student, teacher, ctx)
+    if ctx.request.ffn_out_space == "teacher":
+        s = F.linear(student["ffn_hidden"], ctx.teacher_weights["wdown"], ctx.teacher_weights.get("bdown"))
+        return masked_mse(s, teacher["down"], ctx.token_mask)
     t = _projected_target(teacher["down"], ctx.projections["down"], ctx.request.detach_down_target)
     return masked_mse(student["down"], t, ctx.token_mask)
+
+
+def _shared_input_term(name: str, block: str, projection: str, sharing_key: str) -> CloneTerm:
+    def term(student, teacher, ctx: TermContext) -> torch.Tensor:
+        if projection not in list(ctx.projections):  # by its keys: any Mapping, however __getitem__ fails
+            raise ValueError(
+                f"clone term {name!r} needs one shared {block} input projection ({sharing_key}=io), but this "
+                f"student has separate ones; bind the loss with loss_fn.check_sharing(attn_sharing, ffn_sharing)"
+            )
+        lifted = F.linear(student[f"{block}_input"], ctx.projections[projection])  # x_s @ P.T: width d -> D
+        return masked_mse(lifted, teacher[f"{block}_input"], ctx.token_mask)
+
+    term.__doc__ = (
+        f"{name}: the student's normalised {block} input lifted to the teacher's width by the shared "
+        f"projection P{projection} (x_s @ P.T) vs the teacher's normalised {block} input (the reference "
+        "code's term for a shared input projection)."
+    )
+    return term
+
+
+register_clone_term("attn_in", default_weight=1.0)(_shared_input_term("attn_in", "attn", "qkv", "student.attn_sharing"))
+register_clone_term("ffn_in", default_weight=1.0)(_shared_input_term("ffn_in", "ffn", "gate_up", "student.ffn_sharing"))
 
 
 def layer_clone_terms(
@@ -309,6 +487,21 @@ class LossConfig:
     detach_down_target, detach_o_target: see :class:`TermRequest`.
     output_alignment: "free" (the paper's LRC) or "learned" (its "without alignment-free" ablation,
                     see :class:`TermRequest`; the clone must be built with the same value).
+    shared_projection_terms: the terms of a block whose input projection is shared (IO sharing,
+                    ``CloneConfig.attn_sharing`` / ``ffn_sharing`` = "io"). "paper": the same terms
+                    as with separate projections (q, k, v; gate, up, down in width d). "reference":
+                    the reference code's: IO attention has ``attn_in`` instead of q, k, v; an IO FFN
+                    has ``ffn_in`` instead of gate and up, and its ``down`` compares in the teacher's
+                    width (``TermRequest.ffn_out_space="teacher"``). ``attn_in`` / ``ffn_in`` are
+                    computed only there. For a block with separate projections both choices give
+                    the same terms (the reference code's then are the paper's), so "reference" with
+                    all/all sharing changes nothing. The terms depend on the student's sharing:
+                    :meth:`LRCLoss.check_sharing` binds it.
+    logit_chunk_size: ``None`` or 0 = CE and KL on the full (B, T, V) logits; N = over chunks of N
+                    positions (:func:`chunked_ce_kl`): same values and gradients, at most one chunk
+                    of full-vocabulary tensors at a time, and with a clone forward run with
+                    ``logits=False`` (:attr:`LRCLoss.wants_logits`) no full logits at all. ``ce``
+                    and ``kl`` are then returned detached; ``loss`` carries the gradient.
     """
 
     w_ce: float = 1.0
@@ -323,8 +516,13 @@ class LossConfig:
     detach_down_target: bool = False
     detach_o_target: bool = False
     output_alignment: str = "free"
+    shared_projection_terms: str = "paper"
+    logit_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
+        n = self.logit_chunk_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"LossConfig.logit_chunk_size must be null or an integer >= 0 (0 = unchunked), got {n!r}")
         self.term_weights = dict(self.term_weights or {})
         unknown = sorted(set(self.term_weights) - set(clone_term_names()))
         if unknown:
@@ -346,6 +544,11 @@ class LossConfig:
         if self.output_alignment not in OUTPUT_ALIGNMENTS:
             raise ValueError(
                 f"LossConfig.output_alignment must be one of {OUTPUT_ALIGNMENTS}, got {self.output_alignment!r}"
+            )
+        if self.shared_projection_terms not in SHARED_PROJECTION_CHOICES:
+            raise ValueError(
+                f"LossConfig.shared_projection_terms must be one of {SHARED_PROJECTION_CHOICES}, "
+                f"got {self.shared_projection_terms!r}"
             )
         if self.output_alignment == "learned":
             moot = [f"{k}={getattr(self, k)!r}" for k, default in
@@ -398,6 +601,25 @@ def resolve_clone_layers(
     return tuple(layers)
 
 
+def clone_terms_for(
+    config: LossConfig, attn_sharing: str | None = None, ffn_sharing: str | None = None
+) -> tuple[str, ...]:
+    """The clone terms ``config`` computes for a student with this projection sharing ("all" | "io";
+    ``None``: not known yet, taken as separate projections), in registry order: every registered
+    term of positive weight (none when alpha is 0), where for attention and for the FFN either the
+    shared-input term (``attn_in``, ``ffn_in``) or the terms it replaces (q, k, v; gate, up) are
+    kept: the shared-input term exactly when ``shared_projection_terms="reference"`` and that
+    block's input projection is shared (:data:`SHARED_INPUT_TERMS`)."""
+    if not config.alpha > 0:
+        return ()
+    sharing = {"attn": attn_sharing, "ffn": ffn_sharing}
+    dropped: set[str] = set()
+    for block, (shared_term, separate_terms) in SHARED_INPUT_TERMS.items():
+        reference_io = config.shared_projection_terms == "reference" and sharing[block] == "io"
+        dropped |= set(separate_terms) if reference_io else {shared_term}
+    return tuple(t for t in clone_term_names() if t not in dropped and config.weight(t) > 0)
+
+
 class LRCLoss:
     """Weighted LRC objective. ``LRCLoss(cfg)(out, input_ids)`` returns a dict of scalars:
 
@@ -411,12 +633,14 @@ class LRCLoss:
     def __init__(self, config: LossConfig | None = None) -> None:
         self.config = config or LossConfig()
         c = self.config
-        terms = tuple(t for t in clone_term_names() if c.alpha > 0 and c.weight(t) > 0)
+        terms = clone_terms_for(c)
         spec = c.clone_layers
         # a list of teacher layers is the request as it stands; a pattern or a negative index needs
         # the student's layers first (check_layers)
         fixed = spec is None or (not isinstance(spec, Mapping) and min(spec) >= 0)
         self._unbound = bool(terms) and not fixed
+        # the reference code's terms depend on the student's sharing (check_sharing)
+        self._sharing_unbound = c.shared_projection_terms == "reference" and c.alpha > 0
         self._request = TermRequest(
             terms=terms,
             layers=tuple(spec) if fixed and spec is not None else None,
@@ -427,8 +651,20 @@ class LRCLoss:
         )
 
     @property
+    def wants_logits(self) -> bool:
+        """Whether this loss needs the full logits from the forward (``False`` with
+        ``logit_chunk_size``: a clone forward with ``logits=False`` hands over the final hidden
+        states and heads instead, :class:`lrc.model.clone.HeadInputs`)."""
+        return not self.config.logit_chunk_size
+
+    @property
     def request(self) -> TermRequest:
         """The clone terms (and layers) a forward must compute for this loss."""
+        if self._sharing_unbound:
+            raise ValueError(
+                "LossConfig.shared_projection_terms='reference' depends on the student's projection sharing: "
+                "call loss_fn.check_sharing(attn_sharing, ffn_sharing) first"
+            )
         if self._unbound:
             raise ValueError(
                 f"LossConfig.clone_layers={plain_layer_spec(self.config.clone_layers)!r} depends on the student's "
@@ -447,6 +683,28 @@ class LRCLoss:
         self._unbound = False
         return layers
 
+    def check_sharing(self, attn_sharing: str, ffn_sharing: str) -> tuple[str, ...]:
+        """Bind the student's projection sharing (``CloneConfig.attn_sharing`` / ``ffn_sharing``,
+        "all" | "io") into :attr:`request` and return its terms (:func:`clone_terms_for`). Only
+        ``shared_projection_terms="reference"`` depends on it (and needs this call); with an IO
+        FFN there, ``down`` compares in the teacher's width, where ``detach_down_target`` has no
+        projected target to detach and is refused (``ValueError``)."""
+        for key, value in (("attn_sharing", attn_sharing), ("ffn_sharing", ffn_sharing)):
+            if value not in ("all", "io"):
+                raise ValueError(f"CloneConfig.{key} must be 'all' or 'io', got {value!r}")
+        c = self.config
+        terms = clone_terms_for(c, attn_sharing, ffn_sharing)
+        ffn_teacher = c.shared_projection_terms == "reference" and ffn_sharing == "io"
+        if ffn_teacher and c.detach_down_target and "down" in terms:
+            raise ValueError(
+                "LossConfig.detach_down_target=True does nothing with shared_projection_terms='reference' and "
+                "ffn_sharing='io': the down term then compares in the teacher's width, with no Pdown target to "
+                "detach; leave it False"
+            )
+        self._request = replace(self._request, terms=terms, ffn_out_space="teacher" if ffn_teacher else "student")
+        self._sharing_unbound = False
+        return terms
+
     def __call__(
         self,
         out: Any,
@@ -458,15 +716,7 @@ class LRCLoss:
         if labels is None:
             labels = input_ids if token_mask is None else input_ids.masked_fill(~token_mask.bool(), -100)
         results: dict[str, torch.Tensor] = {}
-        ce = next_token_cross_entropy(out.student_logits, labels)
-        kl = kl_divergence(
-            out.student_logits,
-            out.teacher_logits,
-            c.temperature,
-            c.kl_reduction,
-            c.kl_tau_squared,
-            token_mask,
-        )
+        ce_kl, ce, kl = self._ce_kl(out, labels, token_mask)
         results["ce"], results["kl"] = ce, kl
 
         if self.request.terms:
@@ -492,5 +742,28 @@ class LRCLoss:
             results[f"clone/{term}"] = summed
             clone = clone + c.weight(term) * summed
         results["clone"] = clone
-        results["loss"] = c.w_ce * ce + c.w_kl * kl + c.alpha * clone
+        results["loss"] = ce_kl + c.alpha * clone
         return results
+
+    def _ce_kl(self, out: Any, labels: torch.Tensor, token_mask: torch.Tensor | None):
+        """``(w_ce * ce + w_kl * kl, ce, kl)``: on the full logits, or in chunks of positions
+        (``logit_chunk_size``) from the logits or from the forward's head inputs (``out.head``)."""
+        c = self.config
+        if not c.logit_chunk_size:
+            if out.student_logits is None:
+                raise ValueError("the clone output holds no logits (a forward with logits=False): "
+                                 "set LossConfig.logit_chunk_size or run the forward with logits=True")
+            ce = next_token_cross_entropy(out.student_logits, labels)
+            kl = kl_divergence(out.student_logits, out.teacher_logits, c.temperature, c.kl_reduction,
+                               c.kl_tau_squared, token_mask)
+            return c.w_ce * ce + c.w_kl * kl, ce, kl
+        head = getattr(out, "head", None)
+        if out.student_logits is not None or head is None:
+            s, t, heads = out.student_logits, out.teacher_logits, (None, None)
+        else:
+            s, t, heads = head.student_hidden, head.teacher_hidden, (head.student_head, head.teacher_head)
+        return chunked_ce_kl(
+            s, t, labels, chunk_size=c.logit_chunk_size, w_ce=c.w_ce, w_kl=c.w_kl, temperature=c.temperature,
+            reduction=c.kl_reduction, tau_squared=c.kl_tau_squared, token_mask=token_mask,
+            student_head=heads[0], teacher_head=heads[1],
+        )

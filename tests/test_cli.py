@@ -45,6 +45,9 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"paths.output_dir={out}",
         f"paths.cache_dir={out.parent / 'cache'}",
+        # not the embedded default job (experiment/demo.yaml) but the groups' plain defaults, unless
+        # the test picks an experiment itself
+        *([] if any(e.startswith("experiment=") for e in extra) else ["~experiment"]),
         "teacher=tiny_llama",
         "student.rank=16",
         "data=local_jsonl",
@@ -195,6 +198,10 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(corpus, tmp_path):
 
     rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3, 4, 5]  # history kept
+    # the same run again: it already finished 6 steps, so it is skipped (a rerun sweep redoes nothing)
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    again = run(compose_cfg(tiny_overrides(corpus, out, "ckpt_path=auto", "trainer.max_steps=6")))
+    assert again == longer and (out / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_output_directory_holding_another_run(corpus, tmp_path):

@@ -192,6 +192,7 @@ def test_curve_figures_and_removed_term_chart(tmp_path):
     (["{tmp}/empty"], "holds no run directory"),
     (["{tmp}/runs", "--metric", "train/loss"], "--metric must be a validation metric"),
     (["{tmp}/runs", "--group-by", "student.rnak"], "--group-by key 'student.rnak' is in no run's config"),
+    (["{tmp}/runs", "--baseline", "method=kd"], "--baseline 'method=kd' is not a variant here; the variants are: 'default'"),
 ])
 def test_collect_bad_arguments_fail_before_writing(tmp_path, capsys, args, message):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -201,6 +202,41 @@ def test_collect_bad_arguments_fail_before_writing(tmp_path, capsys, args, messa
     assert err.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tokens_to_reach_by_hand():
+    from lrc.analysis.efficiency import tokens_to_reach
+
+    x, y = [0, 100, 200, 300], [8.0, 6.0, 5.0, 4.5]
+    assert tokens_to_reach(x, y, 9.0) == 0.0       # already there at the start
+    assert tokens_to_reach(x, y, 6.0) == 100.0     # exactly at a point
+    assert tokens_to_reach(x, y, 5.5) == 150.0     # halfway between 6.0 (100) and 5.0 (200)
+    assert tokens_to_reach(x, y, 4.6) == pytest.approx(280.0)  # 4/5 of the way from 5.0 to 4.5
+    assert tokens_to_reach(x, y, 4.0) is None      # never within the curve
+    # a curve that rises again: the first crossing counts
+    assert tokens_to_reach([0, 10, 20, 30], [5.0, 3.0, 6.0, 2.0], 4.0) == 5.0
+    with pytest.raises(ValueError, match="differ in length"):
+        tokens_to_reach([0, 1], [1.0], 0.5)
+
+
+def test_token_efficiency_table_through_lrc_collect(tmp_path):
+    from lrc.analysis.efficiency import token_efficiency
+
+    lrc = {"x": [0, 100, 200], "mean": [8.0, 6.0, 5.0]}
+    kd = {"x": [0, 100, 200, 300, 400], "mean": [9.0, 7.0, 6.5, 6.0, 5.5]}
+    rows = token_efficiency(lrc, kd)
+    # 6.0 is reached by kd at 300 tokens (3x of 100); 5.0 never within 400 tokens: > 400/200 = 2x
+    assert [(r["tokens"], r["baseline_tokens"], r["ratio"], r["lower_bound"]) for r in rows] == [
+        (100, 300.0, 3.0, False), (200, None, 2.0, True)]
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", overrides=["method=lrc"], ce=5.0, curves=[(0, 0.0, 8.0), (100, 1.0, 6.0), (200, 2.0, 5.0)])
+    make_run(sweep / "1", overrides=["method=kd"], ce=5.5,
+             curves=[(0, 0.0, 9.0), (100, 1.0, 7.0), (200, 2.0, 6.5), (300, 3.0, 6.0), (400, 4.0, 5.5)])
+    out = tmp_path / "out"
+    collect_main([str(sweep), "--out", str(out), "--baseline", "method=kd"])
+    report = (out / "results.md").read_text()
+    assert "## Token efficiency" in report and "### `method=lrc`" in report
+    assert "| 100 | 6.0000 | 300 | 3.00 |" in report and "| 200 | 5.0000 | never | > 2.00 |" in report
 
 
 # ------------------------------------------------------------------------------ curves.csv

@@ -47,8 +47,19 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     assert cfg["trainer"]["_target_"] == "lightning.Trainer"
     assert cfg["data"]["_target_"].startswith("lrc.data.")
     assert isinstance(cfg["logger"], list)
-    if group == "experiment":
-        assert cfg["name"] != "lrc"  # experiments name their runs
+    if group == "experiment" and option != "demo":
+        assert cfg["name"] != "lrc"  # experiments name their runs (demo is the default job: runs/lrc/...)
+
+
+def test_the_default_job_is_the_demo_and_other_experiments_replace_it(tmp_path):
+    """lrc-distill alone runs experiment/demo.yaml (rank 432, pca init, lr 3e-5); any other experiment
+    replaces it, so the paper's small-scale artefacts keep the groups' paper-like settings."""
+    default = composed([], tmp_path)
+    assert (default["student"]["rank"], default["student"]["init"], default["optim"]["lr"]) == (432, "pca", 3e-5)
+    fig3 = composed(["experiment=paper/fig3_lrc"], tmp_path)
+    assert (fig3["student"]["rank"], fig3["student"]["init"], fig3["optim"]["lr"]) == (288, "normal", 1e-3)
+    plain = composed(["~experiment"], tmp_path)  # no experiment at all: the groups alone
+    assert (plain["student"]["rank"], plain["student"]["init"]) == (288, "normal")
 
 
 def test_sweepable_keys_are_commented():

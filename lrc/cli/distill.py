@@ -91,25 +91,26 @@ def check_teacher_fit(cfg: DictConfig) -> None:
     method.check_settings(teacher, *(OmegaConf.to_container(cfg[k], resolve=True) for k in ("student", "loss")))
 
 
-def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
+def check_static(cfg: DictConfig, resume_check: Any = None) -> tuple[Path, str | None]:
     """Checks of the output directory (held locked by :func:`run`): returns it and the checkpoint
     to resume from (``None`` for a fresh run). A directory holding a checkpoint, ``metrics.json``
     or an export holds a run and is refused for a fresh start; one holding only what a failed
     start left is reused, with those files set aside. A checkpoint to resume from is read once,
-    safely, and must fit this run's teacher and student."""
+    safely, and must fit this run's teacher and student (``resume_check(cfg, ckpt)``, default
+    :func:`check_resume`; lrc-sft passes its own)."""
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = cfg.ckpt_path
     if ckpt == "auto":
-        ckpt = str(last) if last.is_file() else None
+        ckpt = str(last) if last.exists() else None  # a file, or a directory (trainer=fsdp: sharded)
     elif ckpt == "last":
-        if not last.is_file():
+        if not last.exists():
             raise ConfigError(
                 f"ckpt_path=last but {last} does not exist: {out} holds no checkpoint to resume; "
                 f"run again without ckpt_path=last to start afresh in that directory"
             )
         ckpt = str(last)
-    elif ckpt is not None and not Path(ckpt).is_file():
+    elif ckpt is not None and not Path(ckpt).exists():
         raise ConfigError(f"ckpt_path {ckpt!r} does not exist")
     if not is_rank_zero():  # the other processes of a multi-GPU run follow rank 0, which checked
         return out, ckpt
@@ -122,7 +123,7 @@ def check_static(cfg: DictConfig) -> tuple[Path, str | None]:
             )
         set_aside_failed_start(out)
     else:
-        check_resume(cfg, ckpt)
+        (resume_check or check_resume)(cfg, ckpt)
     return out, ckpt
 
 
@@ -152,7 +153,7 @@ def check_resume(cfg: DictConfig, ckpt: str) -> None:
 
     from lrc.training.module import DEFAULT_METHOD
 
-    state = load_checkpoint(ckpt, mmap=True)
+    state = load_checkpoint(ckpt, mmap=True, optimizer=False)
     saved = OmegaConf.create((state.get("lrc") or {}).get("config") or {})
     if not saved:  # written before checkpoints carried the run config: the shape check on load decides
         return
@@ -227,10 +228,10 @@ def checkpoint_note(out: Path) -> str:
     from lrc.training.checkpoint_io import load_checkpoint
 
     last = out / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if not last.exists():
         return "no checkpoint was written"
     try:
-        step = load_checkpoint(last, mmap=True).get("global_step")
+        step = load_checkpoint(last, mmap=True, optimizer=False).get("global_step")
     except ValueError:
         return f"{last} is unreadable"
     return f"{last} (step {step}) is untouched and finite"
@@ -259,7 +260,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     apply_batch_plan(cfg)  # trainer.accumulate_grad_batches from global_batch_size; token budget
     check_teacher_fit(cfg)  # the teacher's config only: before any conversion, download or write
     with lock_run_dir(Path(cfg.paths.output_dir)):
+        done = finished_summary(cfg)
+        if done is not None:
+            print(f"lrc-distill: {cfg.paths.output_dir} already finished {done['steps']} steps "
+                  f"(ckpt_path=auto): skipped", file=sys.stderr)
+            return done
         return _run(cfg)
+
+
+def finished_summary(cfg: DictConfig) -> dict[str, Any] | None:
+    """With ``ckpt_path=auto``, the stored summary of a run in the output directory that already
+    finished exactly this run's ``trainer.max_steps`` (a rerun of a sweep skips its finished jobs);
+    ``None`` otherwise (a fresh start, an interrupted run to resume, or a longer run to extend)."""
+    if cfg.ckpt_path != "auto":
+        return None
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") == "finished" and summary.get("steps") == int(cfg.trainer.max_steps):
+        return summary
+    return None
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
@@ -321,9 +343,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         summary["val_best"] = best_logged_validation(curves.path)
         summary["interrupted"] = True
         summary["checkpoint"] = str(shutdown.path)
-        print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
-              f"hydra.run.dir={out}", file=sys.stderr)
-        _write_json(out / "metrics.json", summary)
+        if trainer.is_global_zero:  # one writer in a multi-process run
+            print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
+                  f"hydra.run.dir={out}", file=sys.stderr)
+            _write_json(out / "metrics.json", summary)
         return summary
 
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
@@ -333,8 +356,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         "val_best": best_logged_validation(curves.path),  # over every validation, resumes included
     })
     if cfg.export.enabled:
+        from lrc.training.distributed import export_student
+
         dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
-        path = module.save_student(out / "student", dtype=dtype, overwrite=True)
+        path = export_student(module, trainer, out / "student", dtype=dtype)  # rank 0 writes; None elsewhere
+    if not trainer.is_global_zero:  # the other processes of a multi-process run end here
+        return summary
+    if cfg.export.enabled:
         summary["export_dir"] = str(path.resolve())
         summary["answer"] = greedy_answer(path, cfg.summary.prompt, int(cfg.summary.max_new_tokens))
         summary["prompt"] = cfg.summary.prompt

@@ -48,18 +48,28 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     parent = next(p for p in out.absolute().parents if p.exists())  # the export is built beside `out`
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {out}: {parent} is not writable")
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, optimizer=False)  # a sharded one: its trainable tensors only, gathered here
     if "hyper_parameters" not in state:
         raise ConfigError(f"{ckpt} is not an lrc-distill checkpoint (no hyper_parameters)")
     try:
         cls = method_class((state.get("lrc") or {}).get("method_target"))
     except ValueError as err:
         raise ConfigError(f"{ckpt} was not written by a method lrc can rebuild: {err}") from None
-    module = cls(**state["hyper_parameters"])
+    module = rebuild_method(cls, state["hyper_parameters"], state["state_dict"], checkpoint=state)
+    return module.save_student(out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+
+
+def rebuild_method(cls: type, hyper_parameters: dict, trainable: dict, checkpoint: dict | None = None):
+    """The method ``cls`` built from ``hyper_parameters`` around its teacher, loaded afresh from its
+    source, with the trainable tensors ``trainable`` (``{checkpoint key: full tensor}``) in place of
+    any init. ``checkpoint`` (default: one holding only ``trainable``) goes through the method's
+    ``on_load_checkpoint`` checks (shapes, finite values)."""
+    module = cls(**hyper_parameters)
     module.configure_model(restoring=True)  # the checkpoint's tensors replace any init (pca needs no data here)
+    state = checkpoint if checkpoint is not None else {"state_dict": dict(trainable)}
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
-    return module.save_student(out, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+    return module
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,13 @@
 * :mod:`lrc.data.corpus` -- the embedded corpus (docstrings/docs of the installed packages);
 * :mod:`lrc.data.sources` -- :class:`SourceConfig`, readers, chat rendering, validation;
 * :mod:`lrc.data.packing` -- tokenize/pack/segment ids and the mixture schedule (pure functions);
-* :mod:`lrc.data.datamodule` -- :class:`TokenMixDataModule` (Lightning), exact mid-epoch resume.
+* :mod:`lrc.data.cache` -- the packed-token cache of in-memory sources;
+* :mod:`lrc.data.in_memory` / :mod:`lrc.data.streaming` -- the two kinds of training data behind
+  one interface (:class:`~lrc.data.resume.TrainMixture`);
+* :mod:`lrc.data.resume` -- the resumable loader and the data modules' exact mid-epoch resume;
+* :mod:`lrc.data.datamodule` -- :class:`TokenMixDataModule` (Lightning), the distillation data;
+* :mod:`lrc.data.chat` / :mod:`lrc.data.chat_datamodule` -- conversations with assistant-only
+  labels and :class:`ChatDataModule` (Lightning), the SFT data.
 
 Names are imported lazily so that ``import lrc.data.corpus`` stays free of torch/lightning.
 """

@@ -46,9 +46,7 @@ __all__ = [
     "PackedStream",
     "StreamPacker",
     "bos_to_add",
-    "chunk_count",
     "interleave",
-    "iter_chunks_from_documents",
     "mixture_counts",
     "pack_documents",
     "planned_weighted_chunks",
@@ -140,11 +138,6 @@ class PackedStream:
     def chunk_segments(self, i: int) -> np.ndarray:
         """Segment ids of chunk ``i``."""
         return segment_ids(self.doc_starts, i * self.seq_len, self.seq_len)
-
-
-def chunk_count(n_tokens: int, seq_len: int) -> int:
-    """Number of full chunks in a stream of ``n_tokens`` tokens."""
-    return n_tokens // seq_len
 
 
 def pack_documents(
@@ -484,12 +477,3 @@ class Lookahead:
             return None
         self._next = next(self._items, self._END)
         return item
-
-
-def iter_chunks_from_documents(
-    token_lists: Iterable[Sequence[int]], eos_id: int, seq_len: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(tokens, segment_ids)`` chunks of a document stream, packed incrementally."""
-    packer = StreamPacker(eos_id, seq_len)
-    for ids in token_lists:
-        yield from packer.feed(ids)

@@ -9,6 +9,11 @@ A :class:`SourceConfig` names one source of documents:
   row and leave no cache behind;
 * ``embedded``: the offline corpus of :mod:`lrc.data.corpus` (docstrings of the
   installed packages), with its own held-out ``validation`` split.
+* ``chatterbot``: the human-written English dialogues of the ``chatterbot-corpus`` package
+  (BSD, installed with lrc), read from its YAML files where the package is installed; one row
+  per dialogue, ``{"messages": [{"role": "user" | "assistant", "content"}], "category"}``, the
+  utterances alternating user / assistant. ``path`` names its language folders (default
+  ``english``).
 
 A row becomes a document either through ``text_field`` (dotted paths such as
 ``metadata.text`` reach into nested dicts) or, when ``messages_field`` is set, by
@@ -43,10 +48,10 @@ __all__ = [
     "SHAREGPT",
     "SourceConfig",
     "apply_filters",
+    "chatterbot_files",
     "get_field",
     "iter_documents",
     "iter_located_rows",
-    "iter_rows",
     "normalize_messages",
     "override_sources",
     "render_messages",
@@ -55,7 +60,7 @@ __all__ = [
     "validate_source",
 ]
 
-KINDS = ("hub", "jsonl", "parquet", "text", "embedded")
+KINDS = ("hub", "jsonl", "parquet", "text", "embedded", "chatterbot")
 LOCAL_KINDS = ("jsonl", "parquet", "text")
 FILTER_OPS = ("min", "max", "equals", "in")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
@@ -73,9 +78,10 @@ class SourceConfig:
 
     Attributes:
         name: unique name (used in errors, logs and ``tokens_per_source``).
-        kind: one of ``hub``, ``jsonl``, ``parquet``, ``text``, ``embedded``.
+        kind: one of ``hub``, ``jsonl``, ``parquet``, ``text``, ``embedded``, ``chatterbot``.
         path: hub dataset id; or a local file, glob, or list of files/globs; for
-            ``embedded`` optionally a list of directories to scan instead of the install.
+            ``embedded`` optionally a list of directories to scan instead of the install; for
+            ``chatterbot`` the language folders of the package (default ``english``).
         config_name: hub configuration (``load_dataset(path, name=...)``).
         split: split to train on (hub; ``embedded`` always trains on ``train``).
         val_split: a dedicated held-out split (hub split name). ``embedded`` uses its
@@ -443,6 +449,40 @@ def _embedded_files(src: SourceConfig, cache_dir: str | os.PathLike | None):
     return build_embedded_corpus(cache_dir, roots=src.paths or None)
 
 
+def chatterbot_files(src: SourceConfig) -> list[Path]:
+    """The YAML files of the ``chatterbot-corpus`` package for the source's languages, sorted."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"data source {src.name!r} (chatterbot): the chatterbot-corpus package is not installed "
+            f"(pip install chatterbot-corpus)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "data"
+    files = []
+    for language in src.paths or ["english"]:
+        found = sorted((root / language).glob("*.yml"))
+        if not found:
+            known = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"data source {src.name!r} (chatterbot): no language {language!r} in chatterbot-corpus; it has {known}"
+            )
+        files.extend(found)
+    return files
+
+
+def _iter_chatterbot(files: Sequence[Path]) -> Iterator[tuple[str, Any]]:
+    import yaml
+
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for n, dialogue in enumerate(data.get("conversations") or [], 1):
+            turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": str(text)}
+                     for k, text in enumerate(dialogue or [])]
+            yield f"{path}, conversation {n}", {"messages": turns, "category": path.stem}
+
+
 def _check_first_row(src: SourceConfig, row: Any) -> None:
     """The text (or messages) field and every filter field exist (a typo would drop every row)."""
     if not isinstance(row, Mapping):
@@ -461,6 +501,8 @@ def _raw_rows(src: SourceConfig, split: str, cache_dir) -> Iterator[tuple[str, A
     if src.kind == "embedded":
         corpus = _embedded_files(src, cache_dir)
         return _iter_json_file(corpus.split("validation" if split == "validation" else "train"))
+    if src.kind == "chatterbot":
+        return _iter_chatterbot(chatterbot_files(src))
     if src.kind == "hub":
         where = f"hub dataset {src.path!r} ({src.config_name}, {split})"
         return ((f"{where}, row {n}", row) for n, row in enumerate(_load_hub(src, split), 1))
@@ -501,18 +543,6 @@ def iter_located_rows(
         first = False
         if keep:
             yield where, row
-
-
-def iter_rows(
-    src: SourceConfig,
-    split: str | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    apply_row_filters: bool = True,
-) -> Iterator[dict]:
-    """Rows of ``src`` (after its filters); see :func:`iter_located_rows`."""
-    for _, row in iter_located_rows(src, split, cache_dir=cache_dir, apply_row_filters=apply_row_filters):
-        yield row
 
 
 def iter_documents(
@@ -623,6 +653,9 @@ def validate_source(src: SourceConfig, tokenizer=None, *, check_data: bool = Tru
     if src.kind == "hub":
         if not isinstance(src.path, str) or not src.path:
             raise ValueError(f"data source {src.name!r}: a hub source needs 'path' = dataset id")
+        return
+    if src.kind == "chatterbot":
+        chatterbot_files(src)
         return
     if src.kind == "embedded":
         for root in src.paths:

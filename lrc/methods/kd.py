@@ -243,7 +243,7 @@ class KDLossConfig:
 
 #: ``student`` keys only the low-rank clone reads (``extra``: provenance its export writes); a
 #: baseline refuses any value but CloneConfig's default.
-LRC_ONLY_STUDENT_KEYS = ("attn_sharing", "ffn_sharing", "init", "init_calibration_sequences", "extra")
+LRC_ONLY_STUDENT_KEYS = ("attn_sharing", "ffn_sharing", "init", "init_calibration_sequences", "projection_path", "extra")
 
 
 def plain_student_settings(student: Mapping[str, Any], teacher: nn.Module) -> dict[str, Any]:

@@ -38,11 +38,14 @@ class LRCModule(DistillModule):
         config = CloneConfig(**student)
         config.validate_for(teacher_config)
         n = int(teacher_config.num_hidden_layers)
-        LRCLoss(LossConfig(**loss)).check_layers(config.kept_layers(n), n)
+        loss_fn = LRCLoss(LossConfig(**loss))
+        loss_fn.check_sharing(config.attn_sharing, config.ffn_sharing)
+        loss_fn.check_layers(config.kept_layers(n), n)
 
     def build_model(self, teacher: nn.Module, tokenizer: Any, restoring: bool) -> LowRankClone:
         """The clone; ``restoring`` skips the init and a data-aware init's calibration."""
         config = CloneConfig(**self.student_cfg)
+        self.loss_fn.check_sharing(config.attn_sharing, config.ffn_sharing)  # before any work
         ids = None if restoring else self._calibration_ids(config)
         clone = LowRankClone.from_teacher(
             teacher, config, tokenizer=tokenizer, calibration_ids=ids, restoring=restoring,
@@ -67,7 +70,10 @@ class LRCModule(DistillModule):
 
     def forward_options(self, training: bool) -> dict[str, Any]:
         # training: exactly the clone terms the loss weighs; validation: logits only
-        return {"terms": self.loss_fn.request if training else TermRequest(terms=())}
+        # with loss.logit_chunk_size the training forward hands the loss hidden states, not logits
+        if not training:
+            return {"terms": TermRequest(terms=())}
+        return {"terms": self.loss_fn.request, "logits": self.loss_fn.wants_logits}
 
     def loss_terms(self, out: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.loss_fn(out, batch["input_ids"], labels=batch.get("labels"))

@@ -21,7 +21,7 @@ from lrc.model.adapters import (
 from lrc.model.config import CloneConfig
 from lrc.model.functional import AttentionShape, attention_mask_for, position_ids_for
 from lrc.model.init import Calibration, get_projection_init, init_calibrator, init_requires_untied_head
-from lrc.model.layers import CloneDecoderLayer, CloneEmbeddings
+from lrc.model.layers import CloneDecoderLayer, CloneEmbeddings, HeadInputs
 from lrc.model.trainable import load_trainable_state, trainable_state
 
 
@@ -35,19 +35,22 @@ def _zero_init(param: torch.Tensor, ctx: Any) -> None:
 class CloneOutput:
     """What one clone forward returns.
 
-    student_logits, teacher_logits: (B, T, V).
+    student_logits, teacher_logits: (B, T, V); ``None`` from a forward with ``logits=False``.
     clone_terms: ``{(teacher_layer, term): unweighted MSE}`` for the request's terms and layers.
     request: the :class:`~lrc.losses.TermRequest` the terms were computed for.
     student_layers: teacher indices of the layers the student keeps.
     token_mask: (B, T) bool of real (non-padding) tokens, or ``None`` when there is no padding.
+    head: with ``logits=False``, the final hidden states and heads the logits come from
+        (:class:`~lrc.model.layers.HeadInputs`), for a loss that computes them in chunks.
     """
 
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
+    student_logits: torch.Tensor | None
+    teacher_logits: torch.Tensor | None
     clone_terms: dict[tuple[int, str], torch.Tensor]
     request: TermRequest
     student_layers: list[int]
     token_mask: torch.Tensor | None = None
+    head: HeadInputs | None = None
 
 
 class LowRankClone(nn.Module):
@@ -113,6 +116,7 @@ class LowRankClone(nn.Module):
                 generator=gen,
                 param_dtype=param_dtype,
                 calibration=data,
+                projection_path=config.projection_path,
             )
             for i, w in enumerate(layer_weights)
         )
@@ -190,6 +194,7 @@ class LowRankClone(nn.Module):
         *,
         segment_ids: torch.Tensor | None = None,
         terms: TermRequest | None = None,
+        logits: bool = True,
     ) -> CloneOutput:
         """Run teacher and student on ``input_ids`` (B, T).
 
@@ -197,6 +202,9 @@ class LowRankClone(nn.Module):
         sequences; when given, tokens attend only within their document and positions restart
         at every document.  terms: which clone terms to compute (default: all seven, every kept
         layer, attention output in teacher space, nothing detached); pass ``LRCLoss.request``.
+        logits: ``False`` returns the final hidden states and
+        heads (``out.head``) instead of the (B, T, V) logits, for ``LRCLoss`` with
+        ``logit_chunk_size`` (pass ``logits=loss_fn.wants_logits``).
         """
         request = TermRequest() if terms is None else terms
         if request.output_alignment == "learned" and request.terms and self.output_alignment != "learned":
@@ -220,6 +228,9 @@ class LowRankClone(nn.Module):
             x_s, x_t, layer_terms = layer(x_s, x_t, cos, sin, mask, request, token_mask)
             for name, value in layer_terms.items():
                 clone_terms[(layer.index, name)] = value
+        if not logits:
+            return CloneOutput(None, None, clone_terms, request, list(self.student_layers), token_mask,
+                               head=self.io.head_inputs(x_s, x_t))
         logits_s, logits_t = self.io.logits(x_s, x_t)
         return CloneOutput(logits_s, logits_t, clone_terms, request, list(self.student_layers), token_mask)
 

@@ -37,6 +37,11 @@ class CloneConfig:
     rms_norm_eps:       student RMSNorm epsilon (``None`` = the teacher's); written to the export.
     param_dtype:        dtype of the trainable tensors: "float32" (default: fp32 master weights,
                         cast to the teacher's dtype for compute) or "teacher" (same as the teacher).
+    projection_path:    how a forward applies each student matrix: "materialise" the product
+                        W_t @ P once per forward, apply the two "factored" matrices to the
+                        activations, or "auto": per projection, the path of fewer FLOPs for the
+                        forward's token count (:func:`lrc.model.layers.projection_path_flops`).
+                        Same results either way; the export always merges.
     """
 
     rank: int
@@ -51,6 +56,7 @@ class CloneConfig:
     seed: int = 0
     rms_norm_eps: float | None = None
     param_dtype: str = "float32"
+    projection_path: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, saved with exports
 
     def kept_layers(self, num_teacher_layers: int) -> list[int]:
@@ -83,6 +89,12 @@ class CloneConfig:
             raise ValueError(f"CloneConfig.rms_norm_eps must be > 0 or None, got {self.rms_norm_eps!r}")
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"CloneConfig.param_dtype must be one of {sorted(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        from lrc.model.layers import PROJECTION_PATHS
+
+        if self.projection_path not in PROJECTION_PATHS:
+            raise ValueError(
+                f"CloneConfig.projection_path must be one of {PROJECTION_PATHS}, got {self.projection_path!r}"
+            )
         get_projection_init(self.init)
         if self.tie_head_projection and init_requires_untied_head(self.init):
             raise ValueError(

@@ -25,6 +25,46 @@ class AttentionShape:
     scaling: float
 
 
+class Lift:
+    """``x @ P.T`` (width d -> D) for the input-side matrices that share one projection ``P``,
+    computed once per input and reused by every matrix of the group (one forward's lifetime)."""
+
+    def __init__(self, proj: torch.Tensor) -> None:
+        self.proj = proj
+        self._key: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._key is not x:
+            self._key, self._value = x, F.linear(x, self.proj)
+        return self._value
+
+
+@dataclass(frozen=True)
+class Factored:
+    """A student matrix applied as its two factors instead of their product (the clone's
+    ``projection_path``): input side ``W_s = W_t @ P`` as ``(x @ P.T) @ W_t.T`` (the lift shared
+    through ``lift``), output side ``W_s = P.T @ W_t`` (bias ``b_s = b_t @ P``) as
+    ``(x @ W_t.T + b_t) @ P``: the bias given with it is the teacher's. :func:`linear` applies it;
+    the result equals ``x @ W_s.T + b_s``."""
+
+    teacher: torch.Tensor
+    proj: torch.Tensor | None = None  # output side: P (D x d)
+    lift: Lift | None = None  # input side
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.lift is not None:
+            return F.linear(self.lift(x), self.teacher, bias)
+        return F.linear(x, self.teacher, bias) @ self.proj
+
+
+def linear(x: torch.Tensor, weight: "torch.Tensor | Factored", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or a :class:`Factored` matrix applied factor by factor."""
+    if isinstance(weight, Factored):
+        return weight.apply(x, bias)
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm exactly as transformers computes it: statistics in fp32, gain in the input dtype."""
     dtype = x.dtype
@@ -81,9 +121,9 @@ def attention(
     """Self-attention on an already normalised input; returns q, k, v (projection outputs before
     the q/k norm and RoPE), ``attn`` (heads concatenated, before o_proj) and ``o`` (o_proj output)."""
     b, t, _ = x.shape
-    q = F.linear(x, w["wq"], w.get("bq"))
-    k = F.linear(x, w["wk"], w.get("bk"))
-    v = F.linear(x, w["wv"], w.get("bv"))
+    q = linear(x, w["wq"], w.get("bq"))
+    k = linear(x, w["wk"], w.get("bk"))
+    v = linear(x, w["wv"], w.get("bv"))
     qh = q.view(b, t, shape.num_heads, shape.head_dim)
     kh = k.view(b, t, shape.num_kv_heads, shape.head_dim)
     if w.get("q_norm") is not None:
@@ -101,15 +141,17 @@ def attention(
         enable_gqa=shape.num_heads != shape.num_kv_heads,
     )
     attn = out.transpose(1, 2).reshape(b, t, shape.num_heads * shape.head_dim)
-    return {"q": q, "k": k, "v": v, "attn": attn, "o": F.linear(attn, w["wo"], w.get("bo"))}
+    return {"q": q, "k": k, "v": v, "attn": attn, "o": linear(attn, w["wo"], w.get("bo"))}
 
 
 def swiglu_mlp(x: torch.Tensor, w: Weights) -> dict[str, torch.Tensor]:
-    """SwiGLU FFN on an already normalised input; returns gate, up (pre-activation) and down."""
-    gate = F.linear(x, w["wgate"], w.get("bgate"))
-    up = F.linear(x, w["wup"], w.get("bup"))
-    down = F.linear(F.silu(gate) * up, w["wdown"], w.get("bdown"))
-    return {"gate": gate, "up": up, "down": down}
+    """SwiGLU FFN on an already normalised input; returns gate, up (pre-activation), ffn_hidden
+    (``silu(gate) * up``, the input of down_proj, width I) and down."""
+    gate = linear(x, w["wgate"], w.get("bgate"))
+    up = linear(x, w["wup"], w.get("bup"))
+    hidden = F.silu(gate) * up
+    down = linear(hidden, w["wdown"], w.get("bdown"))
+    return {"gate": gate, "up": up, "ffn_hidden": hidden, "down": down}
 
 
 def decoder_layer(
@@ -121,9 +163,16 @@ def decoder_layer(
     mask: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One pre-norm decoder layer. Returns the new residual stream and the layer's activations
-    (keys q, k, v, attn, o, gate, up, down)."""
-    acts = attention(rms_norm(x, w["attn_norm"], eps), w, shape, cos, sin, mask, eps)
+    """One pre-norm decoder layer. Returns the new residual stream and the layer's activations:
+    q, k, v, attn, o (:func:`attention`), gate, up, ffn_hidden, down (:func:`swiglu_mlp`), and the
+    normalised inputs of attention and FFN, ``attn_input`` and ``ffn_input`` (the stream's width).
+    Every one of them is computed anyway; returning it only keeps it until the layer's clone
+    terms are computed."""
+    attn_input = rms_norm(x, w["attn_norm"], eps)
+    acts = attention(attn_input, w, shape, cos, sin, mask, eps)
+    acts["attn_input"] = attn_input
     x = x + acts["o"]
-    acts.update(swiglu_mlp(rms_norm(x, w["mlp_norm"], eps), w))
+    ffn_input = rms_norm(x, w["mlp_norm"], eps)
+    acts.update(swiglu_mlp(ffn_input, w))
+    acts["ffn_input"] = ffn_input
     return x + acts["down"], acts

@@ -12,20 +12,65 @@ Orientation (docs/method.md, section 2):  input side ``W_s = W_t @ P``; output s
 from __future__ import annotations
 
 from collections import abc
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lrc.losses import TermRequest, layer_clone_terms
-from lrc.model.functional import AttentionShape, decoder_layer, rms_norm
+from lrc.model.functional import AttentionShape, Factored, Lift, decoder_layer, rms_norm
 from lrc.model.init import InitContext, ProjectionInit
 
 # projection name -> (teacher matrices it multiplies, side)
 _ATTN_PROJ = {"all": {"q": ("wq",), "k": ("wk",), "v": ("wv",)}, "io": {"qkv": ("wq", "wk", "wv")}}
 _FFN_PROJ = {"all": {"gate": ("wgate",), "up": ("wup",)}, "io": {"gate_up": ("wgate", "wup")}}
 _OUTPUT_PROJ = {"o": ("wo", "bo"), "down": ("wdown", "bdown")}
+
+
+#: how a training forward applies each projected matrix: "materialise" the product W_t @ P (or
+#: P.T @ W_t) once per forward, apply the two "factored" matrices to the activations, or let the
+#: cost model (:func:`projection_path_flops`) choose per projection ("auto")
+PROJECTION_PATHS = ("auto", "materialise", "factored")
+
+
+def projection_path_flops(
+    tokens: int, inner: Sequence[int], teacher_dim: int, rank: int, backward: bool = True
+) -> dict[str, int]:
+    """FLOPs (a multiply-add = 2) of the student matrices that share one projection ``P`` (D x d)
+    over ``tokens`` positions, for each path: forward, plus with ``backward`` the gradients of the
+    activations and of ``P`` (the teacher matrices are frozen). ``inner`` are the matrices' widths
+    on the head / FFN side (input side: W_t is inner x D; output side: W_t is D x inner).
+
+    With ``s = sum(inner)``, ``n`` tokens, forward + backward:
+
+    - materialise: the product ``2Dds``, applying it ``2nds``; backward: the activation and
+      product gradients ``2nds + 2nds``, the gradient of P through the product ``2Dds``:
+      ``4Dds + 6nds``;
+    - factored: ``x @ P.T`` (or ``y @ P``) ``2ndD`` once for the group and the teacher matrices
+      ``2nDs``; backward: ``2nDs`` through the teacher matrices, ``2ndD`` each for the activation's
+      and P's gradients: ``6ndD + 4nDs``.
+
+    Forward only: ``2Dds + 2nds`` against ``2ndD + 2nDs``.
+    """
+    n, big, d, s = int(tokens), int(teacher_dim), int(rank), sum(int(o) for o in inner)
+    if backward:
+        return {"materialise": 4 * big * d * s + 6 * n * d * s, "factored": 6 * n * d * big + 4 * n * big * s}
+    return {"materialise": 2 * big * d * s + 2 * n * d * s, "factored": 2 * n * d * big + 2 * n * big * s}
+
+
+def choose_projection_path(
+    setting: str, tokens: int, inner: Sequence[int], teacher_dim: int, rank: int, backward: bool = True
+) -> str:
+    """``setting`` itself, or for "auto" the path of fewer FLOPs (:func:`projection_path_flops`;
+    a tie materialises)."""
+    if setting not in PROJECTION_PATHS:
+        raise ValueError(f"projection_path must be one of {PROJECTION_PATHS}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    cost = projection_path_flops(tokens, inner, teacher_dim, rank, backward)
+    return "factored" if cost["factored"] < cost["materialise"] else "materialise"
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -71,8 +116,12 @@ class CloneDecoderLayer(nn.Module):
         generator: torch.Generator | None = None,
         param_dtype: torch.dtype | None = None,
         calibration: Mapping | None = None,
+        projection_path: str = "auto",
     ) -> None:
         super().__init__()
+        if projection_path not in PROJECTION_PATHS:
+            raise ValueError(f"projection_path must be one of {PROJECTION_PATHS}, got {projection_path!r}")
+        self.projection_path = projection_path
         self.index = index
         self.shape = shape
         self.teacher_eps = teacher_eps
@@ -157,18 +206,70 @@ class CloneDecoderLayer(nn.Module):
 
     def student_weights(self) -> dict[str, torch.Tensor]:
         """Merged student tensors, computed once per call (once per forward)."""
+        return self.student_weights_except(set())
+
+    def student_weights_except(self, skip: set[str]) -> dict[str, torch.Tensor]:
+        """:meth:`student_weights` without the products of the projections named in ``skip``."""
         t, c = self.teacher, self.compute
         w: dict[str, torch.Tensor] = {"attn_norm": c(self.norms["attn"]), "mlp_norm": c(self.norms["mlp"])}
-        for key in ("wq", "wk", "wv", "wgate", "wup"):
-            w[key] = t[key] @ c(self.projection_for(key))
+        for name, (side, keys) in self.projection_groups().items():
+            if side == "input" and name not in skip:
+                p = c(self.proj[name])
+                for key in keys:
+                    w[key] = t[key] @ p
         for key in ("bq", "bk", "bv", "bgate", "bup", "q_norm", "k_norm"):
             if key in t:
                 w[key] = t[key]
         for name, (wkey, bkey) in _OUTPUT_PROJ.items():
+            if name in skip:
+                continue
             p = c(self.proj[name])
             w[wkey] = p.t() @ t[wkey]
             if bkey in t:
                 w[bkey] = t[bkey] @ p
+        return w
+
+    def projection_groups(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Projection name -> (side, the teacher matrices it multiplies), e.g. "q" -> ("input", ("wq",))."""
+        groups = {name: ("input", keys) for name, keys in
+                  {**_ATTN_PROJ[self.attn_sharing], **_FFN_PROJ[self.ffn_sharing]}.items()}
+        groups.update({name: ("output", keys[:1]) for name, keys in _OUTPUT_PROJ.items()})
+        return groups
+
+    def projection_paths(self, tokens: int, backward: bool = True) -> dict[str, str]:
+        """The path each projection takes in a forward over ``tokens`` positions
+        (:func:`choose_projection_path` with this layer's ``projection_path``)."""
+        t = self.teacher
+        paths = {}
+        for name, (side, keys) in self.projection_groups().items():
+            inner = [t[k].shape[0] if side == "input" else t[k].shape[1] for k in keys]
+            d_t, rank = self.proj[name].shape
+            paths[name] = choose_projection_path(self.projection_path, tokens, inner, d_t, rank, backward)
+        return paths
+
+    def forward_weights(self, tokens: int, backward: bool = True) -> dict[str, torch.Tensor | Factored]:
+        """The student's tensors for one forward over ``tokens`` positions: :meth:`student_weights`,
+        except that the matrices of a projection whose path (:meth:`projection_paths`) is "factored"
+        are :class:`~lrc.model.functional.Factored` (applied factor by factor, with the teacher's
+        bias for output-side ones). Both give the same layer output."""
+        paths = self.projection_paths(tokens, backward)
+        if all(p == "materialise" for p in paths.values()):
+            return self.student_weights()
+        t, c = self.teacher, self.compute
+        w = self.student_weights_except({n for n, p in paths.items() if p == "factored"})
+        for name, (side, keys) in self.projection_groups().items():
+            if paths[name] != "factored":
+                continue
+            p = c(self.proj[name])
+            if side == "input":
+                lift = Lift(p)
+                for key in keys:
+                    w[key] = Factored(t[key], lift=lift)
+            else:
+                wkey, bkey = _OUTPUT_PROJ[name]
+                w[wkey] = Factored(t[wkey], proj=p)
+                if bkey in t:
+                    w[bkey] = t[bkey]
         return w
 
     def forward(
@@ -185,7 +286,9 @@ class CloneDecoderLayer(nn.Module):
             x_t, acts_t = decoder_layer(x_t, self.teacher, self.shape, cos, sin, mask, self.teacher_eps)
         if not self.is_student:
             return x_s, x_t, {}
-        x_s, acts_s = decoder_layer(x_s, self.student_weights(), self.shape, cos, sin, mask, self.student_eps)
+        backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.proj.values())
+        weights = self.forward_weights(x_s.shape[0] * x_s.shape[1], backward)
+        x_s, acts_s = decoder_layer(x_s, weights, self.shape, cos, sin, mask, self.student_eps)
         terms: dict[str, torch.Tensor] = {}
         if request.wants(self.index):
             terms = layer_clone_terms(
@@ -199,6 +302,19 @@ class CloneDecoderLayer(nn.Module):
                 alignments=_ComputeView(self.align, self.compute),
             )
         return x_s, x_t, terms
+
+
+@dataclass
+class HeadInputs:
+    """What turns into logits, for a loss that computes them in chunks of positions
+    (``LossConfig.logit_chunk_size``): the final-normed hidden states of both streams (B, T, d) and
+    (B, T, D) and their heads (V, d) and (V, D), so ``student_logits = student_hidden @ student_head.T``.
+    The teacher's are computed without gradient."""
+
+    student_hidden: torch.Tensor
+    student_head: torch.Tensor
+    teacher_hidden: torch.Tensor
+    teacher_head: torch.Tensor
 
 
 class CloneEmbeddings(nn.Module):
@@ -279,11 +395,18 @@ class CloneEmbeddings(nn.Module):
         x_s = F.embedding(input_ids, self.teacher_embed) @ self.compute(self.proj_embed)
         return x_s, x_t
 
-    def logits(self, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_inputs(self, x_s: torch.Tensor, x_t: torch.Tensor) -> HeadInputs:
+        """The final norms of both streams and the two heads (the student's merged, ``H @ P_head``)."""
         c = self.compute
         with torch.no_grad():
-            logits_t = F.linear(rms_norm(x_t, self.teacher_final_norm, self.teacher_eps), self.head_weight)
+            h_t = rms_norm(x_t, self.teacher_final_norm, self.teacher_eps)
         head_s = self.head_weight @ c(self.head_projection)
-        logits_s = F.linear(rms_norm(x_s, c(self.student_final_norm), self.student_eps), head_s)
-        return logits_s, logits_t
+        h_s = rms_norm(x_s, c(self.student_final_norm), self.student_eps)
+        return HeadInputs(h_s, head_s, h_t, self.head_weight)
+
+    def logits(self, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.head_inputs(x_s, x_t)
+        with torch.no_grad():
+            logits_t = F.linear(h.teacher_hidden, h.teacher_head)
+        return F.linear(h.student_hidden, h.student_head), logits_t
 

@@ -170,3 +170,90 @@ def _plain_output() -> bool:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+#: Dense bf16 peak TFLOP/s per device, by a substring of ``torch.cuda.get_device_name()`` (the
+#: vendors' data-sheet figures without sparsity; SXM parts). First match wins.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def peak_tflops_for(device_name: str | None) -> float | None:
+    """The bf16 peak of :data:`PEAK_BF16_TFLOPS` for a device name, ``None`` when unknown."""
+    for key, peak in PEAK_BF16_TFLOPS:
+        if device_name and key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs, every ``every_n_steps`` optimizer steps, the training throughput since the last log:
+    ``perf/tokens_per_s_per_device``, ``perf/tflops_per_device`` (tokens/s per device x the FLOPs per
+    token :mod:`lrc.estimate` counts for the run's config) and ``perf/mfu`` (that over the device's
+    peak). ``peak_tflops``: the peak per device; ``None`` looks it up by CUDA device name
+    (:data:`PEAK_BF16_TFLOPS`) and leaves MFU out when it is unknown (a CPU). ``flops_per_token``:
+    ``None`` counts it from the module's run config (LRC only; other methods log tokens/s alone).
+    ``clock``: seconds, for tests.
+    """
+
+    def __init__(self, peak_tflops: float | None = None, flops_per_token: float | None = None,
+                 every_n_steps: int = 10, clock: Any = time.perf_counter) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"callbacks.throughput.every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if peak_tflops is not None and not float(peak_tflops) > 0:
+            raise ValueError(f"callbacks.throughput.peak_tflops must be > 0 or null, got {peak_tflops!r}")
+        self.peak_tflops = None if peak_tflops is None else float(peak_tflops)
+        self.flops_per_token = flops_per_token
+        self.every_n_steps = every_n_steps
+        self.clock = clock
+        self._last: tuple[float, int] | None = None
+        self._step: int | None = None  # the optimizer step last measured (one per step, not per micro-batch)
+
+    def measure(self, tokens_seen: int, now: float, devices: int) -> dict[str, float]:
+        """Throughput since the previous call (empty on the first): tokens/s per device and, when
+        the FLOPs per token (and the peak) are known, TFLOP/s per device (and MFU)."""
+        last, self._last = self._last, (now, int(tokens_seen))
+        if last is None or now <= last[0]:
+            return {}
+        per_device = (tokens_seen - last[1]) / (now - last[0]) / max(int(devices), 1)
+        out = {"perf/tokens_per_s_per_device": per_device}
+        if self.flops_per_token:
+            tflops = per_device * self.flops_per_token / 1e12
+            out["perf/tflops_per_device"] = tflops
+            if self.peak_tflops:
+                out["perf/mfu"] = tflops / self.peak_tflops
+        return out
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_tflops is None and pl_module.device.type == "cuda":
+            import torch
+
+            self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name(pl_module.device))
+        if self.flops_per_token is None:
+            self.flops_per_token = run_flops_per_token(getattr(pl_module, "run_config", None))
+        self._last = None
+        self.measure(int(getattr(pl_module, "tokens_seen", 0)), self.clock(), trainer.world_size)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps or trainer.global_step == self._step:
+            return
+        self._step = trainer.global_step
+        values = self.measure(int(getattr(pl_module, "tokens_seen", 0)), self.clock(), trainer.world_size)
+        if values:
+            pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+
+def run_flops_per_token(run_config: dict | None) -> float | None:
+    """Training FLOPs per token (:func:`lrc.estimate.flops_per_token`, ``total``) of an lrc-distill
+    run config; ``None`` when there is none or it is not an LRC run."""
+    if not run_config:
+        return None
+    from omegaconf import OmegaConf
+
+    from lrc.cli.common import ConfigError
+    from lrc.cli.estimate import estimate
+
+    try:
+        return float(estimate(OmegaConf.create(run_config))["flops_per_token"]["total"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None

@@ -37,11 +37,17 @@ class NonFiniteWeightsError(NonFiniteError):
 
 def non_finite(named: Any) -> list[str]:
     """Names of the tensors in ``named`` (``(name, tensor)`` pairs) holding a NaN or an Inf, with
-    one host sync for all of them."""
+    one host sync for all of them. Sharded tensors (DTensors) are checked shard by shard and the
+    verdict is agreed by every process (a collective: all of them call this together)."""
     named = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point()]
     if not named:
         return []
-    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    from lrc.training.distributed import all_ranks_min, any_distributed, local
+
+    flags = torch.stack([torch.isfinite(local(t.detach())).all() for _, t in named])
+    if any_distributed(t for _, t in named):  # shards (FSDP2): every process must agree
+        flags = all_ranks_min(flags.to(torch.int32)).bool()
+    flags = flags.cpu()
     return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
 
 
@@ -126,6 +132,8 @@ class DistillModule(L.LightningModule):
         self.tokens_seen = 0
         self.tokens_per_source: dict[str, int] = {}  # training tokens seen, by data source
         self._t_last: float | None = None
+        self._step_terms: dict[str, torch.Tensor] = {}  # this optimizer step's loss terms, summed over micro-batches
+        self._step_micro_batches = 0
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("ce", "teacher_ce", "kl", "top1_agreement")}
         )
@@ -186,17 +194,23 @@ class DistillModule(L.LightningModule):
 
     def configure_model(self, restoring: bool = False) -> None:
         """Build the model (Lightning calls this before fitting). ``restoring=True`` (lrc-export):
-        its trainable tensors come from a checkpoint next (see :meth:`build_model`)."""
-        if self.model is not None:
-            return
-        model, tok = self._loaded
-        if model is None:
-            from lrc.teachers import load_teacher
+        its trainable tensors come from a checkpoint next (see :meth:`build_model`).
 
-            model, tok = load_teacher(**self.teacher_cfg)
-        self.add_module(self.model_attr, self.build_model(model, tok, restoring))
-        self.model.train(self.training)  # the teacher came in eval mode; nothing here uses dropout
-        self._loaded = (None, tok)
+        Under ``trainer=fsdp`` the strategy then shards the model
+        (:meth:`lrc.training.distributed.FSDP2Strategy.parallelize`: one unit per decoder layer,
+        teacher weights included, then the root); other strategies leave it whole."""
+        if self.model is None:
+            model, tok = self._loaded
+            if model is None:
+                from lrc.teachers import load_teacher
+
+                model, tok = load_teacher(**self.teacher_cfg)
+            self.add_module(self.model_attr, self.build_model(model, tok, restoring))
+            self.model.train(self.training)  # the teacher came in eval mode; nothing here uses dropout
+            self._loaded = (None, tok)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "parallelize"):
+            strategy.parallelize(self)
 
     def save_student(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
         """Write the plain transformers student (with tokenizer and generation config) to ``path``."""
@@ -279,20 +293,42 @@ class DistillModule(L.LightningModule):
         now = time.perf_counter()
         tps = n_tokens / (now - self._t_last) if self._t_last is not None else float("nan")
         self._t_last = now
-        summary = {f"train/{k}": v.detach() for k, v in terms.items() if k.count("/") <= 1}
-        self.log_dict(summary, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
+        for k, v in terms.items():  # logged once per optimizer step (_log_step_terms)
+            self._step_terms[k] = self._step_terms.get(k, 0.0) + v.detach().float()
+        self._step_micro_batches += 1
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True)
         if math.isfinite(tps):
             self.log("train/tokens_per_s", tps, on_step=True)
             self.log("tok/s", tps, prog_bar=True, logger=False)
+        return loss
+
+    def _log_step_terms(self) -> None:
+        """Log the loss terms of the optimizer step that just ran its last backward: each term's
+        mean over the step's micro-batches on every process, with one all-reduce. Every micro-batch
+        weighs the same in the gradient too (Lightning divides each by the accumulation count,
+        DDP / FSDP average over processes), so the logged loss is the loss whose gradient the step
+        applies, and a global batch gives the same numbers on 1 process or N. lrc's batches are
+        fixed-shape packed sequences (``drop_last``), so every micro-batch holds the same number of
+        tokens and this mean of means is the token-weighted mean of the global batch."""
+        if not self._step_terms:
+            return
+        keys = list(self._step_terms)
+        sums = torch.stack([self._step_terms[k] for k in keys])
+        sums = torch.cat([sums, sums.new_tensor([float(self._step_micro_batches)])])
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = dict(zip(keys, (sums[:-1] / sums[-1]).unbind()))
+        self._step_terms, self._step_micro_batches = {}, 0
+        self.log_dict({f"train/{k}": v for k, v in means.items() if k.count("/") <= 1},
+                      prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", means["loss"], prog_bar=True, logger=False)
         every = int(self.log_cfg.get("per_layer_every_n_steps") or 0)
         if every and self.global_step % every == 0 and self.loggers:
             # straight to the loggers: self.log would repeat the last value on every later step
-            per_layer = {f"train_layers/{k}": v.item() for k, v in terms.items() if k.count("/") == 2}
-            for logger in self.loggers:
-                logger.log_metrics(per_layer, step=self.global_step)
-        return loss
+            per_layer = {f"train_layers/{k}": v.item() for k, v in means.items() if k.count("/") == 2}
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics(per_layer, step=self.global_step)
 
     def _count_tokens(self, batch: Mapping[str, torch.Tensor], n_tokens: int | torch.Tensor) -> int:
         """Add this step's tokens, summed over all processes, to ``tokens_seen`` and, by source
@@ -330,8 +366,15 @@ class DistillModule(L.LightningModule):
         # clips them (Precision._after_closure), so this is the norm the clipping acts on
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            from lrc.training.distributed import any_distributed
+
+            if any_distributed(grads):  # FSDP2 shards: the norm of the whole gradient, on every process
+                norm = torch.nn.utils.get_total_norm(grads)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm_preclip", norm, on_step=True)
+        self._log_step_terms()
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
 
     # ------------------------------------------------------------------------- validation

@@ -60,6 +60,7 @@ def test_bad_data_fails_up_front_with_one_message(tmp_path, capsys, case):
 
 def test_the_data_is_tokenized_and_packed_once_per_run(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Checking up front costs nothing: Lightning's prepare_data/setup reuse what the check built."""
+    import lrc.data.cache as cache
     import lrc.data.datamodule as dmod
 
     calls = {"tokenize": 0, "pack": 0}
@@ -70,7 +71,7 @@ def test_the_data_is_tokenized_and_packed_once_per_run(corpus, tmp_path, capsys,
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dmod, "_tokenized_docs", counting("tokenize", dmod._tokenized_docs))
+    monkeypatch.setattr(cache, "tokenized_docs", counting("tokenize", cache.tokenized_docs))
     monkeypatch.setattr(dmod, "build_packed_source", counting("pack", dmod.build_packed_source))
     code, log = cli(capsys, "distill", *cli_args(corpus, tmp_path / "run", "trainer.max_steps=2",
                                                  "export.enabled=false"))

@@ -74,9 +74,9 @@ def test_cache_is_reused(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", docs("a", 30))
     src = [{"name": "a", "kind": "jsonl", "path": str(path)}]
     first = collect(make_dm(tmp_path, tok, src).train_dataloader())
-    import lrc.data.datamodule as dmod
+    import lrc.data.cache as cache
 
-    monkeypatch.setattr(dmod, "iter_documents", lambda *a, **k: pytest.fail("re-read a cached source"))
+    monkeypatch.setattr(cache, "iter_documents", lambda *a, **k: pytest.fail("re-read a cached source"))
     assert collect(make_dm(tmp_path, tok, src).train_dataloader()) == first
     packed = list((tmp_path / "cache" / "packed").iterdir())
     assert len(packed) == 1 and (packed[0] / "meta.json").is_file()
@@ -305,7 +305,7 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming, mode, ch
 def test_sampler_shards_whole_batches_by_rank():
     from torch.utils.data import DistributedSampler
 
-    from lrc.data.datamodule import MixtureSampler
+    from lrc.data.in_memory import MixtureSampler
 
     full = MixtureSampler([30, 20], [30, 10], batch_size=4, seed=1)
     assert isinstance(full, DistributedSampler)  # so Lightning does not wrap it again
@@ -415,7 +415,7 @@ def test_a_source_that_runs_dry(tmp_path, tok, caplog, streaming, mode, total, p
     dm = make_dm(tmp_path, tok, _dry_sources(tmp_path, streaming), seq_len=8, batch_size=1, shuffle=False,
                  val_tokens=8, on_exhausted=mode, max_train_tokens=None if total is None else 8 * total)
     docs = {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4, 5, 6]} if streaming else {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3, 4, 5]}
-    with caplog.at_level("WARNING", logger="lrc.data.datamodule"):
+    with caplog.at_level("WARNING", logger="lrc.data.streaming" if streaming else "lrc.data.in_memory"):
         got = _names(tok, collect(dm.train_dataloader()))
     assert got == _expected(pattern, docs)
     # the log names the source, where it ran dry and its tokens against its planned share
@@ -435,7 +435,7 @@ def test_a_source_that_runs_dry(tmp_path, tok, caplog, streaming, mode, total, p
 
 def test_no_report_when_nothing_runs_dry(tmp_path, tok, caplog):
     sources = _dry_sources(tmp_path, False)
-    with caplog.at_level("WARNING", logger="lrc.data.datamodule"):
+    with caplog.at_level("WARNING", logger="lrc.data.in_memory"):
         make_dm(tmp_path, tok, sources, seq_len=8, batch_size=1, val_tokens=8, max_train_tokens=8 * 6)
     assert not [r for r in caplog.records if "runs dry" in r.getMessage()]  # 4 a + 2 b fit the plan
     with pytest.raises(ValueError, match="on_exhausted must be one of stop, restart, renormalise; got 'loop'"):
@@ -521,7 +521,7 @@ def test_bos_setting_is_part_of_the_cache_key(tmp_path):
     first = decode_all(collect(with_bos.train_dataloader(), 1))[0]
     assert first[0] == BOS and BOS not in decode_all(collect(without.train_dataloader()))[0]
     assert len(list((tmp_path / "cache" / "packed").iterdir())) == 2
-    assert without._mixture_fingerprint() != with_bos._mixture_fingerprint()
+    assert without._data_fingerprint() != with_bos._data_fingerprint()
 
 
 # --------------------------------------------------------------------------- check_data: up front
@@ -532,9 +532,10 @@ def test_check_data_reads_once_and_training_reuses_it(tmp_path, tok, monkeypatch
     dm = TokenMixDataModule([{"name": "a", "kind": "jsonl", "path": str(path)}], tokenizer=tok, seq_len=16,
                             batch_size=4, cache_dir=str(tmp_path / "cache"))
     dm.check_data()
+    import lrc.data.cache as cache
     import lrc.data.datamodule as dmod
 
-    monkeypatch.setattr(dmod, "iter_documents", lambda *a, **k: pytest.fail("read the data again"))
+    monkeypatch.setattr(cache, "iter_documents", lambda *a, **k: pytest.fail("read the data again"))
     monkeypatch.setattr(dmod, "build_packed_source", lambda *a, **k: pytest.fail("packed again"))
     dm.prepare_data()  # what Lightning calls next
     dm.setup("fit")

@@ -1,0 +1,101 @@
+"""One LRC training step against the unavoidable work on the same tokens, side by side in one process.
+
+    python experiments/bench/cpu_overhead.py                       # SmolLM2-135M, rank 288, 4 x 256
+    python experiments/bench/cpu_overhead.py --teacher tiny-llama --rank 16 --batch 2 --seq-len 64
+
+The unavoidable work is a teacher forward without gradient plus one training step (forward,
+backward, Adam update) of a plain student of the exported shape. The LRC step is the clone's
+forward with the configured loss, its backward and the same Adam update. Prints the median wall
+times, their ratio, and beside it the FLOP floor of that ratio for the configured loss (weight
+products W_t @ P forward and backward and the clone terms' extra products over the same
+unavoidable work, :func:`lrc.estimate.flops_per_token`): a ratio near the floor means the clone
+adds no overhead beyond the arithmetic it must do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lrc.estimate import LossPlan, StudentPlan, TeacherShape, flops_per_token
+from lrc.losses import LossConfig, LRCLoss
+from lrc.methods.kd import KDModel
+from lrc.model import CloneConfig, LowRankClone
+from lrc.teachers import load_teacher
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="smollm2-135m-instruct", help="load_teacher source (tiny-llama for a quick check)")
+    ap.add_argument("--rank", type=int, default=288)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--projection-path", default="auto", choices=("auto", "materialise", "factored"))
+    ap.add_argument("--logit-chunk-size", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    teacher, tok = load_teacher(args.teacher, dtype="float32")
+    config = CloneConfig(rank=args.rank, projection_path=args.projection_path)
+    clone = LowRankClone.from_teacher(teacher, config, tokenizer=tok)
+    loss_fn = LRCLoss(LossConfig(alpha=args.alpha, logit_chunk_size=args.logit_chunk_size or None))
+    loss_fn.check_layers(clone.student_layers, clone.arch.num_layers)
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+
+    clone_opt = torch.optim.Adam([p for _, p in clone.named_trainable()], lr=1e-4)
+
+    def clone_step():
+        clone_opt.zero_grad(set_to_none=True)
+        out = clone(ids, terms=loss_fn.request, logits=loss_fn.wants_logits)
+        loss_fn(out, ids)["loss"].backward()
+        clone_opt.step()
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher(ids)
+
+    plain = KDModel.from_teacher(teacher, rank=args.rank, kept_layers=clone.student_layers,
+                                 tie_word_embeddings=clone.io.student_tied).student
+    plain_opt = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+
+    def plain_step():
+        plain_opt.zero_grad(set_to_none=True)
+        plain(ids, labels=ids).loss.backward()
+        plain_opt.step()
+
+    times = {name: timed(fn, args.repeats) for name, fn in
+             (("teacher forward (no grad)", teacher_forward), ("plain student step", plain_step),
+              ("LRC step", clone_step))}
+    for name, t in times.items():
+        print(f"{name:28s} {t:8.3f} s")
+    unavoidable = times["teacher forward (no grad)"] + times["plain student step"]
+    ratio = times["LRC step"] / unavoidable
+
+    shape = TeacherShape.from_config(teacher.config)
+    plan = StudentPlan(args.rank, tuple(clone.student_layers), config.attn_sharing, config.ffn_sharing,
+                       clone.io.proj_head is None, False, args.projection_path)
+    f = flops_per_token(shape, plan, LossPlan(terms=loss_fn.request.terms), args.seq_len, args.batch * args.seq_len)
+    floor = f["total"] / f["unavoidable"]
+    print(f"ratio LRC step / (teacher forward + plain student step) = {ratio:.2f}   FLOP floor {floor:.2f}   "
+          f"({100 * (ratio / floor - 1):+.0f}% above the floor)")
+
+
+if __name__ == "__main__":
+    main()
