@@ -98,6 +98,10 @@ def test_ffn_gram_from_projections_equals_the_exported_student(ffn_sharing):
         assert a["gram_cosine"] == pytest.approx(b["gram_cosine"], abs=1e-6)
         assert a["neuron_cosine"] == pytest.approx(b["neuron_cosine"], abs=1e-6)
         assert 0 < a["gram_cosine"] < 1  # a random rank-16 projection of a 64-wide teacher loses geometry
+    picked = ffn_gram_similarity_from_projections(teacher, projections, layers=[2])
+    assert picked == [r for r in from_proj if r["layer"] == 2]
+    with pytest.raises(ValueError, match=r"layers \[1\] have no FFN projections"):
+        ffn_gram_similarity_from_projections(teacher, projections, layers=[1])
 
 
 def test_checkpoint_projections_and_spectra(tmp_path):

@@ -287,3 +287,37 @@ def test_cli_reports_a_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"lrc-eval: error: model={str(tmp_path / 'nope')!r}: " \
                                                    f"no model directory there (no config.json)"
+
+
+@pytest.mark.parametrize("suite", ["paper", "fewshot", "safety"])
+def test_hub_suites_read_the_papers_metric_per_task(tiny_model_dir, tmp_path, monkeypatch, suite):
+    """The suites' plumbing with lm-eval replaced by a stub (no hub here): which tasks run at how
+    many shots, which metric is read for each, the Avg. and the table row."""
+    from lrc.eval import harness
+    from lrc.eval.suites import SUITES
+
+    calls = []
+
+    def fake_run(model, tok, tasks, manager, num_fewshot=None, **kw):
+        calls.append((list(tasks), num_fewshot))
+        return {t: {"acc,none": 0.5, "acc_norm,none": 0.625, "inst_level_loose_acc,none": 0.75,
+                    "acc_stderr,none": "N/A"} for t in tasks}
+
+    monkeypatch.setattr(harness, "available", lambda: True)
+    monkeypatch.setattr(harness, "task_manager", lambda *a, **k: None)
+    monkeypatch.setattr(harness, "check_tasks", lambda names, manager: None)
+    monkeypatch.setattr(harness, "run_tasks", fake_run)
+    results = run(eval_cfg(tiny_model_dir, tmp_path / "out", f"suite={suite}"))
+    specs = SUITES[suite]
+    assert calls == [([s.task for s in specs], 5 if suite == "fewshot" else 0)]
+    expected = {"acc": 0.5, "acc_norm": 0.625, "inst_level_loose_acc": 0.75}
+    for s in specs:
+        assert results["tasks"][s.task]["value"] == expected[s.metric], s.task
+    assert {s.task: s.metric for s in specs if s.metric != "acc"} == {
+        "paper": {"arc_challenge": "acc_norm", "logiqa": "acc_norm"}, "fewshot": {"arc_challenge": "acc_norm"},
+        "safety": {"toxigen": "acc_norm", "ifeval": "inst_level_loose_acc"}}[suite]
+    if suite == "paper":
+        assert results["avg"] == pytest.approx((7 * 0.5 + 2 * 0.625) / 9)
+        row = "| **" + tiny_model_dir.name + "** | - | lrc-eval | 50.00 | 62.50 | 62.50 | 50.00 | 50.00 | 50.00 | " \
+              "50.00 | 50.00 | 50.00 | 52.78 |"
+        assert row in (tmp_path / "out" / "results.md").read_text()

@@ -1,4 +1,6 @@
-"""The notebooks' code cells run top to bottom (they use the tiny teacher, no download)."""
+"""The notebooks run top to bottom so they never rot: the quickstart's code cells in this process
+(tiny teacher, no download), and the analysis notebooks executed by a Jupyter kernel (nbclient) on
+a tiny-teacher run made here with lrc-distill, its directory passed as ``LRC_NOTEBOOK_RUN``."""
 
 from __future__ import annotations
 
@@ -7,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+from test_cli import compose_cfg, tiny_overrides, write_corpus
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+#: the notebooks that analyse a run (their parameters cell reads LRC_NOTEBOOK_RUN)
+ANALYSES = ("training_curves", "projection_analysis", "neuron_masking")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_quickstart_runs():
+    path = NOTEBOOK_DIR / "quickstart.ipynb"
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     assert cells
     scope: dict = {}
@@ -21,3 +27,50 @@ def test_notebook_runs(path):
     diff = (scope["student"](scope["ids"]).logits - scope["clone"](scope["ids"]).student_logits).abs().max()
     assert diff.item() < 1e-4
     assert scope["after"] < scope["terms"]["loss"].item()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished lrc-distill run on the tiny teacher with what the analyses read: csv logs with
+    per-layer terms at every step, a checkpoint at every step, the exported student."""
+    from lrc.cli.distill import run
+
+    folder = tmp_path_factory.mktemp("notebook_run")
+    corpus = write_corpus(folder / "corpus.jsonl")
+    out = folder / "run"
+    run(compose_cfg(tiny_overrides(corpus, out, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=1",
+                                   "callbacks.checkpoint.save_top_k=-1", "log.per_layer_every_n_steps=1",
+                                   "validate_before=false", "summary.max_new_tokens=1")))
+    return out
+
+
+def test_analysis_notebooks_are_parametrised_and_saved_with_outputs():
+    for name in ANALYSES:
+        nb = json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())
+        params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1 and "LRC_NOTEBOOK_RUN" in "".join(params[0]["source"]), name
+        # committed with the outputs of the run their first cell names, figures included
+        assert "lrc-distill" in "".join(nb["cells"][0]["source"]), name
+        outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        assert not [o for o in outputs if o["output_type"] == "error"], name
+        assert any("image/png" in o.get("data", {}) for o in outputs), name
+
+
+@pytest.mark.slow  # a Jupyter kernel per notebook (torch + transformers imports each): over a minute in all
+@pytest.mark.parametrize("name", ANALYSES)
+def test_analysis_notebook_executes_on_a_tiny_run(name, tiny_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("LRC_NOTEBOOK_RUN", str(tiny_run))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tiny_run)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"run: {tiny_run}" in text  # the parameters cell took the run from the environment
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    if name == "projection_analysis":
+        assert "checkpoints at steps [1, 2, 3]" in text
+    if name == "neuron_masking":
+        assert "FFN width 128, 4 teacher layers, 4 student layers" in text

@@ -166,6 +166,7 @@ def test_chain_resumes_after_a_failed_stage_and_skips_complete_ones(data, tmp_pa
     "extra,message",
     [
         (["stages=[train]"], r"stages must be a non-empty list"),
+        (["sft=5"], r"sft must be a list of sft overrides"),
         (["+colour=blue"], r"unknown key colour"),
         (['distill=["student.rank=577"]'], r"stage distill: .*rank must be an integer in \[1, 576\]"),
         (['sft=["optim.lr=-1"]'], r"stage sft: .*lr"),

@@ -117,13 +117,19 @@ def spectra_over_checkpoints(
 
 # --------------------------------------------------------------------------- Gram matrices
 def neuron_gram(weight: torch.Tensor, neuron_axis: int) -> torch.Tensor:
-    """The Gram matrix over the neurons on ``neuron_axis`` of ``weight`` (float64):
+    """The Gram matrix over the neurons on ``neuron_axis`` of ``weight`` (float32, or float64 for a float64 weight):
     ``W W^T`` for neurons along the rows (axis 0), ``W^T W`` along the columns (axis 1)."""
     if neuron_axis not in (0, 1) or weight.dim() != 2:
         raise ValueError(f"neuron_gram takes a 2-D weight and neuron_axis 0 or 1, got {tuple(weight.shape)}, {neuron_axis}")
-    w = weight.detach().to(torch.float64)
+    w = _compute(weight)
     w = w if neuron_axis == 0 else w.T
     return w @ w.T
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or float64 (half precisions and integers go to float32)."""
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
 
 
 def gram_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,7 +165,7 @@ def ffn_weights(model: Any, layer: int) -> dict[str, torch.Tensor]:
 def student_ffn_weight(teacher_weight: torch.Tensor, projection: torch.Tensor, matrix: str) -> torch.Tensor:
     """The student's FFN weight the projection makes: ``W_t P`` for ``gate``/``up`` (input side),
     ``P^T W_t`` for ``down`` (output side), as the export merges them."""
-    w, p = teacher_weight.detach().to(torch.float64), projection.detach().to(torch.float64)
+    w, p = _compute(teacher_weight), _compute(projection).to(_compute(teacher_weight).dtype)
     return p.T @ w if FFN_MATRICES[matrix][1] == 1 else w @ p
 
 
@@ -177,11 +183,18 @@ def ffn_gram_similarity(teacher: Any, student: Any, layer_map: Mapping[int, int]
 
 
 def ffn_gram_similarity_from_projections(
-    teacher: Any, projections: Mapping[str, torch.Tensor]
+    teacher: Any, projections: Mapping[str, torch.Tensor], layers: Iterable[int] | None = None
 ) -> list[dict[str, Any]]:
     """As :func:`ffn_gram_similarity`, with the student's weights made from a checkpoint's
-    projections (:func:`checkpoint_projections`) and the teacher's: the similarity at any step."""
-    layers = sorted({int(m[1]) for n in projections if (m := re.match(r"layers\.(\d+)\.(gate|up|down|gate_up)$", n))})
+    projections (:func:`checkpoint_projections`) and the teacher's: the similarity at any step.
+    ``layers`` picks teacher layers (default: every layer the projections cover)."""
+    covered = sorted({int(m[1]) for n in projections if (m := re.match(r"layers\.(\d+)\.(gate|up|down|gate_up)$", n))})
+    if layers is not None:
+        missing = sorted(set(layers) - set(covered))
+        if missing:
+            raise ValueError(f"layers {missing} have no FFN projections here (covered: {covered})")
+        covered = sorted(set(layers))
+    layers = covered
     rows = []
     for layer in layers:
         wt = ffn_weights(teacher, layer)

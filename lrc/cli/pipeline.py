@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from lrc.cli.common import CONF_DIR, ConfigError, lock_run_dir
 from lrc.pipeline import STAGES, check_stages, is_complete, read_json, stage_dir, stage_input, stage_overrides
@@ -94,6 +94,11 @@ def plan(cfg: DictConfig) -> list[dict[str, Any]]:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output path {root} is a file, not a directory; choose another one (hydra.run.dir=...)")
     steps = []
+    for stage in STAGES:  # every stage's list, selected or not, so a typo never waits for a later run
+        own = cfg.get(stage)
+        if own is not None and not (isinstance(own, ListConfig) and all(isinstance(o, str) for o in own)):
+            raise ConfigError(f"{stage} must be a list of {STAGES[stage].config} overrides (strings, "
+                              f"e.g. {stage}='[\"trainer.max_steps=10\"]'), got {own!r}")
     for stage in selected:
         try:
             overrides = stage_overrides(stage, list(cfg[stage] or []), root, selected, cfg.paths.cache_dir)
