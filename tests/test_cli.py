@@ -216,8 +216,8 @@ def test_output_directory_holding_another_run(corpus, tmp_path):
 # ------------------------------------------------------------------- the real CLI, in this process
 def cli_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     """``tiny_overrides`` as lrc-distill arguments: the run directory is Hydra's ``hydra.run.dir``."""
-    return [a for a in tiny_overrides(corpus, out) if not a.startswith("paths.output_dir")] + [
-        f"hydra.run.dir={out}", *extra]
+    return [a for a in tiny_overrides(corpus, out, *extra) if not a.startswith("paths.output_dir")] + [
+        f"hydra.run.dir={out}"]
 
 
 def cli(capsys, tool: str, *args: str) -> tuple[int, str]:
@@ -656,3 +656,21 @@ def test_lrc_export_command_line(corpus, tmp_path, capsys):
 
     cfg = AutoConfig.from_pretrained(tmp_path / "student")
     assert cfg.hidden_size == 16 and cfg.dtype in ("bfloat16", __import__("torch").bfloat16)
+
+
+def test_summary_answer_min_new_tokens(tmp_path):
+    """summary.min_new_tokens: a student whose every first choice ends its turn answers '' greedily,
+    and with min_new_tokens=k says k tokens first."""
+    from transformers import AutoTokenizer
+
+    from lrc.cli.distill import greedy_answer
+    from lrc.teachers import load_teacher
+
+    model, tok = load_teacher("tiny-llama")
+    # a student that can say nothing but end its turn (its saved generation config suppresses the rest)
+    model.generation_config.suppress_tokens = [i for i in range(model.config.vocab_size) if i != tok.eos_token_id]
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert greedy_answer(tmp_path, "hello", max_new_tokens=6) == ""
+    answer = greedy_answer(tmp_path, "hello", max_new_tokens=6, min_new_tokens=4)
+    assert answer != "" and len(AutoTokenizer.from_pretrained(tmp_path)(answer, add_special_tokens=False)["input_ids"]) >= 1

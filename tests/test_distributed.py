@@ -118,8 +118,6 @@ def test_fsdp_on_two_processes_matches_one_resumes_and_exports(fsdp_run, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="observed: trainer=ddp on 2 CPU processes logs train/ce 5.6069 at step 0 "
-                   "where one process (and trainer=fsdp on 2) logs 5.5608 for the same global batch; cause not found yet")
 def test_ddp_on_two_processes_matches_one(fsdp_run, tmp_path):
     corpus, ref, f2, want = fsdp_run
     d2 = tmp_path / "ddp"

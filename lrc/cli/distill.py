@@ -364,15 +364,17 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return summary
     if cfg.export.enabled:
         summary["export_dir"] = str(path.resolve())
-        summary["answer"] = greedy_answer(path, cfg.summary.prompt, int(cfg.summary.max_new_tokens))
+        summary["answer"] = greedy_answer(path, cfg.summary.prompt, int(cfg.summary.max_new_tokens),
+                                          int(cfg.summary.get("min_new_tokens") or 0))
         summary["prompt"] = cfg.summary.prompt
     _write_json(out / "metrics.json", summary)
     print_summary(summary)
     return summary
 
 
-def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
-    """Load the exported student like any transformers model and answer ``prompt`` greedily."""
+def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+    """Load the exported student like any transformers model and answer ``prompt`` greedily, with
+    at least ``min_new_tokens`` tokens before it may end its turn."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -384,8 +386,8 @@ def greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     else:
         enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min(min_new_tokens, max_new_tokens),
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
