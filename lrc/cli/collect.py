@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Sequence
 
 from lrc.analysis import collect as C
+from lrc.analysis.efficiency import efficiency_markdown, token_efficiency
 
 METRIC = re.compile(r"^val/[A-Za-z0-9_]+$")
 
 
 def collect(paths: Sequence[str | Path], out: str | Path | None = None, group_by: Sequence[str] | None = None,
-            metric: str = "val/ce") -> dict[str, Path]:
+            metric: str = "val/ce", baseline: str | None = None) -> dict[str, Path]:
     """Collect the runs under ``paths`` into ``out`` (default ``<first path>/collected``); returns
     the written files by kind (``markdown``, ``csv``, ``tokens``, ``wall_time``, ``removed_terms``).
+    With ``baseline`` (a variant's name), the report adds the tokens that variant needs to reach
+    every other variant's curve (:mod:`lrc.analysis.efficiency`).
     Raises ``ValueError`` for bad arguments, before anything is written."""
     if not METRIC.match(metric):
         raise ValueError(f"--metric must be a validation metric such as val/ce or val/kl, got {metric!r}")
@@ -39,6 +42,9 @@ def collect(paths: Sequence[str | Path], out: str | Path | None = None, group_by
             raise ValueError(f"--group-by key {k!r} is in no run's config, overrides or metrics.json")
     out = Path(out) if out is not None else Path(paths[0]) / "collected"
     variants = C.group_variants(finished, keys)
+    if baseline is not None and baseline not in [v.name for v in variants]:
+        raise ValueError(f"--baseline {baseline!r} is not a variant here; the variants are: "
+                         + ", ".join(repr(v.name) for v in variants))
     rows = C.summary_rows(variants)
     slug = metric.replace("/", "_")
     files = {"markdown": out / C.REPORT_FILE, "csv": out / "results.csv", "tokens": out / f"{slug}_vs_tokens.png",
@@ -55,6 +61,11 @@ def collect(paths: Sequence[str | Path], out: str | Path | None = None, group_by
 
     figures, notes = draw_figures(variants, metric, files)
     report = C.markdown_report(rows, variants, problems, [(c, files[k].name) for k, c in figures], notes)
+    if baseline is not None:
+        base = next(v for v in variants if v.name == baseline)
+        curves = {v.name: C.curve_series(v.runs, metric) for v in variants}
+        tables = {name: token_efficiency(c, curves[baseline]) for name, c in curves.items() if name != base.name}
+        report += "\n".join(efficiency_markdown(tables, baseline, metric)) + "\n"
     files["markdown"].write_text(report)
     return {k: f for k, f in files.items() if f.is_file()}
 
@@ -93,9 +104,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated config keys that define a variant, e.g. student.rank,loss.alpha "
                              "(default: every config difference except seeds)")
     parser.add_argument("--metric", default="val/ce", help="validation metric of the figures (default: val/ce)")
+    parser.add_argument("--baseline", default=None,
+                        help="a variant's name (as the table shows it, e.g. experiment=paper/fig3_kd): add the tokens "
+                             "it needs to reach every other variant's metric after N tokens (token efficiency)")
     args = parser.parse_args(argv)
     try:
-        files = collect(args.paths, args.out, args.group_by.split(",") if args.group_by else None, args.metric)
+        files = collect(args.paths, args.out, args.group_by.split(",") if args.group_by else None, args.metric,
+                        args.baseline)
     except ValueError as err:
         print(f"lrc-collect: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -259,7 +259,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     apply_batch_plan(cfg)  # trainer.accumulate_grad_batches from global_batch_size; token budget
     check_teacher_fit(cfg)  # the teacher's config only: before any conversion, download or write
     with lock_run_dir(Path(cfg.paths.output_dir)):
+        done = finished_summary(cfg)
+        if done is not None:
+            print(f"lrc-distill: {cfg.paths.output_dir} already finished {done['steps']} steps "
+                  f"(ckpt_path=auto): skipped", file=sys.stderr)
+            return done
         return _run(cfg)
+
+
+def finished_summary(cfg: DictConfig) -> dict[str, Any] | None:
+    """With ``ckpt_path=auto``, the stored summary of a run in the output directory that already
+    finished exactly this run's ``trainer.max_steps`` (a rerun of a sweep skips its finished jobs);
+    ``None`` otherwise (a fresh start, an interrupted run to resume, or a longer run to extend)."""
+    if cfg.ckpt_path != "auto":
+        return None
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") == "finished" and summary.get("steps") == int(cfg.trainer.max_steps):
+        return summary
+    return None
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
