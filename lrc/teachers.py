@@ -595,7 +595,15 @@ def teacher_config(
         return tiny_config(src.location, **options)
     if src.kind == "gguf" and not _cache_is_valid(Path(src.location), src.gguf):
         return gguf_config(src.gguf)
-    return AutoConfig.from_pretrained(src.location)
+    try:
+        return AutoConfig.from_pretrained(src.location)
+    except (OSError, ValueError) as err:  # offline, a gated or unknown hub id, a directory without config.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"teacher.source={src.location!r}: cannot read its config.json ({first}); give a local directory "
+            f"that holds the teacher's config.json (weights are not needed to check or estimate a run), or run "
+            f"where the hub is reachable"
+        ) from None
 
 
 def load_teacher(
