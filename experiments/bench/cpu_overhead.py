@@ -6,15 +6,17 @@
 The unavoidable work is a teacher forward without gradient plus one training step (forward,
 backward, Adam update) of a plain student of the exported shape. The LRC step is the clone's
 forward with the configured loss, its backward and the same Adam update. Prints the median wall
-times, their ratio, and beside it the FLOP floor of that ratio for the configured loss (weight
-products W_t @ P forward and backward and the clone terms' extra products over the same
-unavoidable work, :func:`lrc.estimate.flops_per_token`): a ratio near the floor means the clone
-adds no overhead beyond the arithmetic it must do.
+times (measured in turns, so a change of load reaches all three alike), their ratio, and beside it
+the FLOP floor of that ratio for the configured loss (weight products W_t @ P forward and
+backward and the clone terms' extra products over the same unavoidable work,
+:func:`lrc.estimate.flops_per_token`): a ratio near the floor means the clone adds no overhead
+beyond the arithmetic it must do.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -27,14 +29,18 @@ from lrc.model import CloneConfig, LowRankClone
 from lrc.teachers import load_teacher
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_round_robin(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, measured in turns (one of each per round, after one
+    warm-up round), so that a change in the machine's load during the run reaches all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,9 +86,8 @@ def main() -> None:
         plain(ids, labels=ids).loss.backward()
         plain_opt.step()
 
-    times = {name: timed(fn, args.repeats) for name, fn in
-             (("teacher forward (no grad)", teacher_forward), ("plain student step", plain_step),
-              ("LRC step", clone_step))}
+    times = timed_round_robin({"teacher forward (no grad)": teacher_forward, "plain student step": plain_step,
+                               "LRC step": clone_step}, args.repeats)
     for name, t in times.items():
         print(f"{name:28s} {t:8.3f} s")
     unavoidable = times["teacher forward (no grad)"] + times["plain student step"]
@@ -94,7 +99,8 @@ def main() -> None:
     f = flops_per_token(shape, plan, LossPlan(terms=loss_fn.request.terms), args.seq_len, args.batch * args.seq_len)
     floor = f["total"] / f["unavoidable"]
     print(f"ratio LRC step / (teacher forward + plain student step) = {ratio:.2f}   FLOP floor {floor:.2f}   "
-          f"({100 * (ratio / floor - 1):+.0f}% above the floor)")
+          f"({abs(100 * (ratio / floor - 1)):.0f}% {'above' if ratio >= floor else 'below'} the floor)")
+    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")  # KiB on Linux
 
 
 if __name__ == "__main__":
