@@ -562,6 +562,18 @@ def _resolve_source(source: str, cache_dir: str | Path | None, tiny: dict | None
     return _Source("hub", source)
 
 
+def teacher_directory(source: str, cache_dir: str | Path | None = None) -> str:
+    """What ``from_pretrained`` reads for ``source``: a GGUF teacher's converted cache directory
+    (converted first when that cache is missing or stale), a local directory, or a hub id as given.
+    Tiny teachers have no directory and are refused."""
+    src = _resolve_source(source, cache_dir, None)
+    if src.kind == "tiny":
+        raise ValueError(f"tiny teacher {source!r} is built in memory and has no directory")
+    if src.kind == "gguf" and not _cache_is_valid(Path(src.location), src.gguf):
+        convert_gguf_teacher(src.gguf, src.location)
+    return src.location
+
+
 def _cast_parameters(model, dtype: torch.dtype) -> None:
     """Cast the floating-point parameters only. ``model.to(dtype)`` would also cast the rotary
     ``inv_freq`` buffers, which transformers keeps in fp32 (a bf16 ``from_pretrained`` does)."""

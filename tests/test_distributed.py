@@ -1,6 +1,7 @@
 """Multi-process training on CPUs (gloo, 2 processes) through the real lrc-distill: ``trainer=fsdp``
 (FSDP2, sharded checkpoints) and ``trainer=ddp`` give the numbers of one process for the same global
-batch; a sharded checkpoint resumes on 1 and on 2 processes; lrc-export reads it without the teacher.
+batch; a sharded checkpoint resumes on 1 and on 2 processes, a one-process checkpoint on 2 (the data
+position in checkpoints is global, lrc/data/resume.py); lrc-export reads it without the teacher.
 
 The 2-process runs cost about a minute each on 2 CPU cores, so the end-to-end test is marked slow;
 the sharded-checkpoint reader's own checks run in one process and are fast."""
@@ -60,19 +61,23 @@ def trainable(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """The one-process reference (4 steps, in this process) and FSDP2 on 2 processes stopped at
-    step 2 (a sharded checkpoint)."""
+    """The one-process reference (4 steps, in this process; its step-2 checkpoint is kept) and FSDP2
+    on 2 processes stopped at step 2 (a sharded checkpoint)."""
     tmp = tmp_path_factory.mktemp("dist")
     corpus = write_corpus(tmp / "corpus.jsonl")
     ref = tmp / "ref"
-    run(compose_cfg(tiny_overrides(corpus, ref, *COMMON)))
+    run(compose_cfg(tiny_overrides(corpus, ref, *COMMON, "callbacks.checkpoint.save_top_k=-1")))
     f2 = tmp / "fsdp"
     two_processes(corpus, f2, *FSDP, "trainer.max_steps=2")
     return corpus, ref, f2, train_rows(ref)
 
 
-def resume_copy(src: Path, dst: Path) -> Path:
+def resume_copy(src: Path, dst: Path, ckpt: str | None = None) -> Path:
+    """A copy of run ``src`` to resume with ``ckpt_path=last``; ``ckpt`` (a file name in its
+    checkpoints/) replaces last.ckpt."""
     shutil.copytree(src, dst)
+    if ckpt is not None:
+        shutil.copy(dst / "checkpoints" / ckpt, dst / "checkpoints" / "last.ckpt")
     (dst / "curves.csv").write_text("".join((src / "curves.csv").open().readlines()[:1]))  # keep only new rows
     return dst
 
@@ -118,16 +123,18 @@ def test_fsdp_on_two_processes_matches_one_resumes_and_exports(fsdp_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one(fsdp_run, tmp_path):
+def test_one_process_checkpoint_resumes_under_ddp_on_two(fsdp_run, tmp_path):
+    """The one-process run's step-2 checkpoint (2 micro-batches a step) resumed under DDP on 2
+    processes (1 each): the uninterrupted run's numbers and weights, so DDP gives the numbers of one
+    process and each process starts at its half of the global data position."""
     corpus, ref, f2, want = fsdp_run
-    d2 = tmp_path / "ddp"
-    two_processes(corpus, d2, *DDP)
-    assert_same_rows(train_rows(d2), want, range(4))
+    d2 = resume_copy(ref, tmp_path / "ddp", ckpt="step000002.ckpt")
+    two_processes(corpus, d2, *DDP, "ckpt_path=last")
+    assert_same_rows(train_rows(d2), want, range(2, 4))
+    assert_same_trainable(d2, ref)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the data position in checkpoints counts this process's batches "
-                   "(lrc/data/resume.py), so a resume on another process count restarts the data elsewhere")
 def test_sharded_checkpoint_resumes_on_one_process(fsdp_run, tmp_path):
     corpus, ref, f2, want = fsdp_run
     one = resume_copy(f2, tmp_path / "resume1")

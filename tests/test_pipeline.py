@@ -189,6 +189,17 @@ def test_bad_config_is_refused_before_any_work(data, tmp_path, extra, message):
     assert not root.exists()  # nothing was written
 
 
+def test_a_locked_output_root_is_refused_naming_lrc_pipeline(data, tmp_path):
+    from lrc.cli.pipeline import run
+    from test_sft import refused_while_locked
+
+    corpus, chats = data
+    root = tmp_path / "root"
+    message = refused_while_locked(root, lambda: run(pipeline_cfg(root, corpus, chats)))  # no stage starts
+    assert message == (f"output directory {root} is in use by another lrc-pipeline run (pid 4242 on node7); "
+                       f"wait for it to end or choose another directory (hydra.run.dir=...)")
+
+
 def test_command_line(data, tmp_path, capsys):
     """The real entry point: a bad stage override is one line and status 2, nothing written."""
     import sys

@@ -146,7 +146,32 @@ def test_bad_inputs_are_refused_before_any_work(tiny_model_dir, chats, tmp_path)
         run(sft_cfg(tiny_model_dir, chats, out, "+model.sourc=x"))
     with pytest.raises(ConfigError, match="model.dtype must be one of"):
         run(sft_cfg(tiny_model_dir, chats, out, "model.dtype=float64"))
+    with pytest.raises(ConfigError, match=r"callbacks\.eval\.every_n_steps must be an integer >= 0, got -1"):
+        run(sft_cfg(tiny_model_dir, chats, out, "callbacks.eval.every_n_steps=-1"))
     assert not out.exists()  # nothing was written
+
+
+def refused_while_locked(out: Path, job) -> str:
+    """``job()``'s ConfigError while another process holds ``out``'s run-directory lock (as
+    ``pid 4242 on node7``); nothing but the lock may be written."""
+    import fcntl
+
+    out.mkdir(parents=True)
+    with open(out / ".lrc-distill.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        with pytest.raises(ConfigError) as err:
+            job()
+    assert sorted(p.name for p in out.iterdir()) == [".lrc-distill.lock"]
+    return str(err.value)
+
+
+def test_a_locked_run_directory_is_refused_naming_lrc_sft(tiny_model_dir, chats, tmp_path):
+    out = tmp_path / "run"
+    message = refused_while_locked(out, lambda: run(sft_cfg(tiny_model_dir, chats, out)))
+    assert message == (f"output directory {out} is in use by another lrc-sft run (pid 4242 on node7); "
+                       f"wait for it to end or choose another directory (hydra.run.dir=...)")
 
 
 def test_sft_optim_file_repeats_the_python_defaults():

@@ -460,6 +460,24 @@ def test_teacher_config_of_an_unreadable_source_is_one_clear_value_error(tmp_pat
         teachers.teacher_config("lrc-test/no-such-model")
 
 
+def test_teacher_directory_is_what_from_pretrained_reads(tmp_path):
+    model, _ = load_teacher("tiny-llama")
+    model.save_pretrained(tmp_path / "local")
+    assert teachers.teacher_directory(str(tmp_path / "local")) == str(tmp_path / "local")
+    assert teachers.teacher_directory("org/some-model") == "org/some-model"
+    with pytest.raises(ValueError, match="no directory"):
+        teachers.teacher_directory("tiny-llama")
+
+
+@pytest.mark.slow
+def test_teacher_directory_of_the_embedded_teacher_is_its_valid_cache(smollm2_cache):
+    from transformers import AutoConfig
+
+    path = Path(teachers.teacher_directory(SMOLLM2_NAME, cache_dir=smollm2_cache))
+    assert path.parent.parent == Path(smollm2_cache) and (path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(path).to_dict() == teachers.teacher_config(SMOLLM2_NAME, cache_dir=smollm2_cache).to_dict()
+
+
 def _write_gguf(path: Path, arch: str, *, tied: bool, vocab_key: bool) -> Path:
     """A header-complete GGUF (tiny zero tensors) written by the gguf package itself."""
     import gguf

@@ -57,7 +57,7 @@ def best_validation(rows: list[Mapping[str, Any]], metric: str = "val/ce") -> di
 
 
 #: where ``logger=csv`` writes every logged metric, the per-layer ones included (``curves.csv`` keeps
-#: only ``train/*`` and ``val/*``)
+#: only ``train/*``, ``val/*`` and ``eval/*``)
 LOGGED_METRICS_FILE = "csv/metrics.csv"
 
 

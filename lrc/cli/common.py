@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: The Hydra config tree (``conf/`` at the repository root); ``LRC_CONF_DIR`` overrides it.
 CONF_DIR = Path(os.environ.get("LRC_CONF_DIR") or Path(__file__).resolve().parents[2] / "conf")
@@ -14,6 +15,23 @@ CONF_DIR = Path(os.environ.get("LRC_CONF_DIR") or Path(__file__).resolve().paren
 
 class ConfigError(ValueError):
     """A bad setting, reported as one clear message before any work or write."""
+
+
+#: Errors that are the user's input or environment: one line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def run_command(command: str, run: Callable[[Any], Any], cfg: Any) -> Any:
+    """``run(cfg)`` for the command-line tool ``command``: a user error (:data:`USER_ERRORS`)
+    prints ``<command>: error: ...`` and exits with status 2 (with ``LRC_DEBUG`` set it is raised,
+    traceback and all); anything else propagates."""
+    try:
+        return run(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("LRC_DEBUG"):
+            raise
+        print(f"{command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -55,6 +73,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 #: Environment variables that give a process's rank in a multi-process run (as Lightning reads them).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+#: The run-directory lock of every lrc command (one name, so that two commands exclude each other too).
 LOCK_FILE = ".lrc-distill.lock"
 
 
@@ -64,10 +83,11 @@ def is_rank_zero() -> bool:
 
 
 @contextmanager
-def lock_run_dir(out: Path) -> Iterator[None]:
+def lock_run_dir(out: Path, command: str = "lrc-distill") -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (``fcntl.flock`` on ``out/.lrc-distill.lock``, which records
-    the holder's pid and host) for the block. A second run aimed at the same directory fails at
-    once with :class:`ConfigError`. Only rank 0 of a multi-process run locks; the lock goes with
+    the holder's pid and host) for the block. A second run of ``command`` aimed at the same
+    directory fails at once with :class:`ConfigError` (naming ``command``, e.g. ``lrc-sft``). Only
+    rank 0 of a multi-process run locks; the lock goes with
     the process, so a killed run leaves nothing to clean up. The directory is created here, and a
     path that is a file or cannot be written is reported in one line."""
     if not is_rank_zero():
@@ -92,7 +112,7 @@ def lock_run_dir(out: Path) -> Iterator[None]:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             raise ConfigError(
-                f"output directory {out} is in use by another lrc-distill run ({holder}); wait for it to end "
+                f"output directory {out} is in use by another {command} run ({holder}); wait for it to end "
                 f"or choose another directory (hydra.run.dir=...)"
             ) from None
         if not os.access(out, os.W_OK):

@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.cli.common import CONF_DIR, ConfigError, is_rank_zero, lock_run_dir, print_summary
+from lrc.cli.common import CONF_DIR, USER_ERRORS, ConfigError, is_rank_zero, lock_run_dir, print_summary
 
 EXPORT_DTYPES = (None, "float32", "bfloat16", "float16")
 #: What a start that never reached a checkpoint may have left; set aside when the directory is reused.
@@ -56,6 +56,9 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.export.dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export.dtype must be one of {EXPORT_DTYPES}, got {cfg.export.dtype!r}")
     check_accelerator(t)
+    from lrc.training.eval_callback import check_eval_callbacks
+
+    check_eval_callbacks(cfg)  # callbacks.eval: its tasks and task files, before any work
 
 
 def check_accelerator(t: DictConfig) -> None:
@@ -288,11 +291,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from lrc.io import atomic_write
+    from lrc.cli.fit import train
     from lrc.teachers import load_teacher
-    from lrc.training.callbacks import GracefulShutdown
-    from lrc.training.curves import CURVES_FILE, CurvesLogger
-    from lrc.training.module import NonFiniteError
 
     out, ckpt = check_static(cfg)
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
@@ -307,54 +307,20 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.check_data()  # reads and packs the data now (cached): bad rows, too little data, no validation
 
     module = build_module(container, teacher, tokenizer)
-    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    curves = CurvesLogger(out / CURVES_FILE, tokens=lambda: module.tokens_seen)  # whatever the logger group
-    trainer = build_trainer(cfg, callbacks, extra_loggers=(curves,))
-    shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
-    if ckpt is None and is_rank_zero():  # only now: every check above passed
-        with atomic_write(out / "config.yaml", "w") as fh:
-            fh.write(OmegaConf.to_yaml(container))
-
-    before: dict[str, float] = {}
-    if cfg.validate_before and ckpt is None:
-        before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    start = time.perf_counter()
-    curves.start()
-    tokens_at_start = module.tokens_seen
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteError as err:
-        raise ConfigError(f"training stopped: {err}; {checkpoint_note(out)}") from None
-    wall = time.perf_counter() - start
+    fit = train(cfg, module, datamodule, out, ckpt, container)
+    trainer = fit.trainer
     summary: dict[str, Any] = {
         "status": "finished",
         **run_identity(cfg, module.method_name),
-        "run_dir": str(out.resolve()),
-        "tokens_seen": int(module.tokens_seen),
-        "steps": int(trainer.global_step),
-        "wall_time_s": round(wall, 1),
-        "tokens_per_s": round((module.tokens_seen - tokens_at_start) / max(wall, 1e-9), 1),
+        **fit.throughput(module),
         "tokens_per_source": dict(module.tokens_per_source),
-        "wall_time_total_s": round(curves.elapsed(), 1),  # summed over resumes
+        "wall_time_total_s": fit.total_wall(),  # summed over resumes
         "params": parameter_counts(module),
     }
-    if shutdown is not None and shutdown.interrupted:
-        summary["status"] = "interrupted"
-        summary["val_best"] = best_logged_validation(curves.path)
-        summary["interrupted"] = True
-        summary["checkpoint"] = str(shutdown.path)
-        if trainer.is_global_zero:  # one writer in a multi-process run
-            print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
-                  f"hydra.run.dir={out}", file=sys.stderr)
-            _write_json(out / "metrics.json", summary)
+    if fit.stopped(summary, best=True):
         return summary
 
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    summary.update({
-        "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in before.items() if k.startswith("val/")},
-        "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
-        "val_best": best_logged_validation(curves.path),  # over every validation, resumes included
-    })
+    summary.update(fit.validation(module, datamodule))
     if cfg.export.enabled:
         from lrc.training.distributed import export_student
 
@@ -448,10 +414,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
     with atomic_write(path, "w") as fh:
         fh.write(json.dumps(data, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
-
-
-#: Errors that are the user's input or environment: one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")

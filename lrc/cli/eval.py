@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.cli.common import CONF_DIR, ConfigError
+from lrc.cli.common import CONF_DIR, ConfigError, run_command
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCORERS = ("auto", "lm_eval", "lrc")
@@ -282,15 +281,7 @@ def _json_default(x: Any) -> Any:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     """One evaluation: a bad input prints ``lrc-eval: error: ...`` and exits with 2."""
-    from lrc.cli.distill import USER_ERRORS
-
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("LRC_DEBUG"):
-            raise
-        print(f"lrc-eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command("lrc-eval", run, cfg)
 
 
 def main() -> None:

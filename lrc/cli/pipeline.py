@@ -16,7 +16,6 @@ checked before the first stage starts; :mod:`lrc.pipeline` says when a stage is 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator
 import hydra
 from omegaconf import DictConfig, ListConfig, open_dict
 
-from lrc.cli.common import CONF_DIR, ConfigError, lock_run_dir
+from lrc.cli.common import CONF_DIR, ConfigError, lock_run_dir, run_command
 from lrc.pipeline import STAGES, check_stages, is_complete, read_json, stage_dir, stage_input, stage_overrides
 
 
@@ -129,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = plan(cfg)
     root = Path(cfg.paths.output_dir)
     report: dict[str, Any] = {}
-    with lock_run_dir(root):
+    with lock_run_dir(root, "lrc-pipeline"):
         for step in steps:
             stage, directory, source = step["stage"], step["dir"], step["input"]
             if is_complete(stage, directory, source):
@@ -155,15 +154,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
 def _hydra_main(cfg: DictConfig) -> None:
     """A bad input or a stopped stage prints ``lrc-pipeline: error: ...`` and exits with 2."""
-    from lrc.cli.distill import USER_ERRORS
-
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("LRC_DEBUG"):
-            raise
-        print(f"lrc-pipeline: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command("lrc-pipeline", run, cfg)
 
 
 def main() -> None:

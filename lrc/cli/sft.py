@@ -12,15 +12,13 @@ NaN-safe, a resume continues exactly, and the result is a plain model directory 
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.cli.common import CONF_DIR, ConfigError, is_rank_zero, lock_run_dir
+from lrc.cli.common import CONF_DIR, ConfigError, lock_run_dir, run_command
 
 #: Model dtypes ``model.dtype`` and ``export.dtype`` take.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,6 +49,9 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.export.dtype not in (None, *DTYPES):
         raise ConfigError(f"export.dtype must be one of {(None, *DTYPES)}, got {cfg.export.dtype!r}")
     check_accelerator(t)
+    from lrc.training.eval_callback import check_eval_callbacks
+
+    check_eval_callbacks(cfg)  # callbacks.eval: its tasks and task files, before any work
 
 
 def check_model(cfg: DictConfig) -> Any:
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """The whole job; returns the summary dict (also written to ``metrics.json``)."""
     check_settings(cfg)
     tokenizer = check_model(cfg)
-    with lock_run_dir(Path(cfg.paths.output_dir)):
+    with lock_run_dir(Path(cfg.paths.output_dir), "lrc-sft"):
         return _run(cfg, tokenizer)
 
 
@@ -100,14 +101,8 @@ def _run(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from lrc.cli.distill import (
-        _write_json, best_logged_validation, build_trainer, check_static, checkpoint_note, greedy_answer,
-        instantiate_checked, run_identity,
-    )
-    from lrc.io import atomic_write
-    from lrc.training.callbacks import GracefulShutdown
-    from lrc.training.curves import CURVES_FILE, CurvesLogger
-    from lrc.training.module import NonFiniteError
+    from lrc.cli.distill import _write_json, check_static, greedy_answer, instantiate_checked, run_identity
+    from lrc.cli.fit import train
     from lrc.training.sft import SFTModule, load_causal_lm
 
     out, ckpt = check_static(cfg, resume_check=check_resume)
@@ -119,44 +114,14 @@ def _run(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     model, tokenizer = load_causal_lm(str(cfg.model.source), str(cfg.model.dtype))
     module = SFTModule(model=str(cfg.model.source), dtype=str(cfg.model.dtype), optim=container["optim"],
                        model_obj=model, tokenizer=tokenizer, run_config=container)
-    callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    curves = CurvesLogger(out / CURVES_FILE, tokens=lambda: module.tokens_seen)
-    trainer = build_trainer(cfg, callbacks, extra_loggers=(curves,))
-    shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
-    if ckpt is None and is_rank_zero():
-        with atomic_write(out / "config.yaml", "w") as fh:
-            fh.write(OmegaConf.to_yaml(container))
-
-    before: dict[str, float] = {}
-    if cfg.validate_before and ckpt is None:
-        before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    start = time.perf_counter()
-    curves.start()
-    tokens_at_start = module.tokens_seen
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteError as err:
-        raise ConfigError(f"training stopped: {err}; {checkpoint_note(out)}") from None
-    wall = time.perf_counter() - start
+    fit = train(cfg, module, datamodule, out, ckpt, container)
     summary: dict[str, Any] = {
         "status": "finished", **run_identity(cfg, "sft"), "model": str(cfg.model.source),
-        "run_dir": str(out.resolve()), "tokens_seen": int(module.tokens_seen), "steps": int(trainer.global_step),
-        "wall_time_s": round(wall, 1),
-        "tokens_per_s": round((module.tokens_seen - tokens_at_start) / max(wall, 1e-9), 1),
-        "wall_time_total_s": round(curves.elapsed(), 1), "data": datamodule.stats,
+        **fit.throughput(module), "wall_time_total_s": fit.total_wall(), "data": datamodule.stats,
     }
-    if shutdown is not None and shutdown.interrupted:
-        summary.update(status="interrupted", interrupted=True, checkpoint=str(shutdown.path))
-        print(f"interrupted: checkpoint written to {shutdown.path}; resume with ckpt_path=last "
-              f"hydra.run.dir={out}", file=sys.stderr)
-        _write_json(out / "metrics.json", summary)
+    if fit.stopped(summary):
         return summary
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    summary.update({
-        "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in before.items() if k.startswith("val/")},
-        "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
-        "val_best": best_logged_validation(curves.path),
-    })
+    summary.update(fit.validation(module, datamodule))
     if cfg.export.enabled:
         dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
         path = module.save_model(out / "model", dtype=dtype, overwrite=True)
@@ -184,15 +149,7 @@ def print_sft_summary(summary: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sft")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One job: a bad input or a stopped run prints ``lrc-sft: error: ...`` and exits with 2."""
-    from lrc.cli.distill import USER_ERRORS
-
-    try:
-        summary = run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("LRC_DEBUG"):
-            raise
-        print(f"lrc-sft: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    summary = run_command("lrc-sft", run, cfg)
     return (summary.get("val") or {}).get("ce")
 
 

@@ -31,18 +31,18 @@ import hashlib
 import json
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from lrc.data.cache import tokenizer_fingerprint
 from lrc.data.chat import ChatRows, pack_conversations, render_with_labels
 from lrc.data.in_memory import InMemoryMixture, MixtureSampler
-from lrc.data.resume import ResumableDataLoader, ResumableDataModule
+from lrc.data.loaders import MixtureDataModule, load_tokenizer
+from lrc.data.resume import ResumableDataLoader
 from lrc.data.sources import RowError, SourceConfig, get_field, iter_located_rows, normalize_messages, validate_source
 
 __all__ = ["ChatDataModule", "ChatDataset", "read_conversations"]
@@ -101,7 +101,7 @@ class ChatDataset(Dataset):
         return item
 
 
-class ChatDataModule(ResumableDataModule, LightningDataModule):
+class ChatDataModule(MixtureDataModule, LightningDataModule):
     """Conversations rendered with the chat template, labelled on the assistant's tokens, packed.
 
     Args:
@@ -175,17 +175,9 @@ class ChatDataModule(ResumableDataModule, LightningDataModule):
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
-    @property
-    def source_names(self) -> list[str]:
-        """Source names; ``batch["source_ids"]`` indexes this list."""
-        return [s.name for s in self.sources]
-
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Set the model's tokenizer (a string is loaded with ``AutoTokenizer``); it needs a chat template."""
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; chat data is rendered with it")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -247,16 +239,9 @@ class ChatDataModule(ResumableDataModule, LightningDataModule):
         self.val_indices = indices if self.val_sequences is None else indices[: self.val_sequences]
         self._apply_resume()
 
-    def check_data(self, require_validation: bool = True) -> None:
-        """Read, render and pack now; raise one ``ValueError`` for a bad row, too little data for
-        one batch, or (``require_validation``) no validation row."""
-        self.setup("fit")
-        self.mixture.check_first_batch()
-        if require_validation and not self.val_indices:
-            raise ValueError(
-                f"no validation conversations: the sources hold out none (val_fraction={self.val_fraction}, "
-                f"val_sequences={self.val_sequences}); raise val_fraction, add conversations or set a val_split"
-            )
+    def _no_validation_message(self) -> str:
+        return (f"no validation conversations: the sources hold out none (val_fraction={self.val_fraction}, "
+                f"val_sequences={self.val_sequences}); raise val_fraction, add conversations or set a val_split")
 
     @property
     def sampler(self) -> MixtureSampler | None:
@@ -267,16 +252,3 @@ class ChatDataModule(ResumableDataModule, LightningDataModule):
         if self.mixture is None:
             self.setup("fit")
         return torch.from_numpy(np.stack(self.mixture.first_sequences(n)).astype(np.int64))
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        if self.mixture is None:
-            self.setup("fit")
-        return self._resumable_loader(num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is None:
-            self.setup("validate")
-        if not self.val_indices:
-            return []
-        return DataLoader(Subset(self.val_dataset, list(self.val_indices)), batch_size=self.val_batch_size,
-                          shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)

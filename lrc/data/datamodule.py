@@ -38,11 +38,14 @@ Batches are dicts::
      "segment_ids": LongTensor[B, T]}  # only with document_mask=True (see lrc.data.packing)
 
 Exact mid-epoch resume (:class:`~lrc.data.resume.ResumableDataModule`): :meth:`state_dict` returns
-``{"version": 1, "epoch": e, "batches_consumed": n, "fingerprint": ..., "seed": ...}``
+``{"version": 2, "epoch": e, "sequences_consumed": n, "fingerprint": ..., "seed": ...}``
 (Lightning stores it in checkpoints; the training dataloader also implements the
-``state_dict``/``load_state_dict`` protocol so Lightning's loop restores it too).
-After :meth:`load_state_dict`, the first iteration of epoch ``e`` skips exactly ``n``
-batches, so a resumed run sees the same remaining batches as an uninterrupted one.
+``state_dict``/``load_state_dict`` protocol so Lightning's loop restores it too), where ``n``
+counts the sequences of epoch ``e`` consumed by every process together. After
+:meth:`load_state_dict`, the first iteration of epoch ``e`` skips exactly ``n`` sequences
+(``n / (batch_size x world_size)`` batches on each process), so a resumed run sees the same
+remaining batches as an uninterrupted one, on the same number of processes or another one
+with the same global batch.
 Multi-device: each rank takes every ``world_size``-th batch itself (rank and world size
 come from the attached trainer); the sampler is a ``DistributedSampler`` subclass, so
 Lightning does not wrap it again.
@@ -52,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -60,7 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from lrc.data.cache import PackedSource, build_packed_source, dedicated_val_split, tokenized_docs, tokenizer_fingerprint
 from lrc.data.corpus import default_cache_dir
@@ -77,14 +79,15 @@ from lrc.data.packing import (
     renormalised_order,
     token_dtype,
 )
-from lrc.data.resume import ResumableDataLoader, ResumableDataModule
+from lrc.data.loaders import MixtureDataModule, load_tokenizer
+from lrc.data.resume import ResumableDataLoader
 from lrc.data.sources import SourceConfig, iter_documents, validate_source
 from lrc.data.streaming import StreamingMixture
 
 __all__ = ["TokenMixDataModule"]
 
 
-class TokenMixDataModule(ResumableDataModule, LightningDataModule):
+class TokenMixDataModule(MixtureDataModule, LightningDataModule):
     """Packed, mixed token batches from several sources, with exact mid-epoch resume.
 
     Args:
@@ -210,17 +213,9 @@ class TokenMixDataModule(ResumableDataModule, LightningDataModule):
 
     # ------------------------------------------------------------------ configuration
 
-    @property
-    def source_names(self) -> list[str]:
-        """Source names; ``batch["source_ids"]`` indexes this list."""
-        return [s.name for s in self.sources]
-
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Set the (teacher's) tokenizer; a string is loaded with ``AutoTokenizer``."""
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
         for src in self.sources:
@@ -281,20 +276,6 @@ class TokenMixDataModule(ResumableDataModule, LightningDataModule):
             src, tokenizer, self.seq_len, cache_dir=self.cache_dir,
             val_fraction=self.val_fraction, val_tokens=self.val_tokens, bos_id=self.bos_id,
         )
-
-    def check_data(self, require_validation: bool = True) -> None:
-        """Read, tokenize and pack the data now and raise one ``ValueError`` saying what to
-        change when it cannot train: a bad row (naming file, line or row, and field), fewer
-        sequences than one batch, no validation sequence (``require_validation``).
-
-        In-memory sources are read in full and cached, so training does not read them
-        again; streaming sources are checked on their held-out head and on the chunks of the
-        first batch (a bad row further on is reported when training reaches it).
-        """
-        self.setup("fit")
-        self.mixture.check_first_batch()
-        if require_validation and not self.val_indices:
-            raise ValueError(self._no_validation_message())
 
     def setup(self, stage: str | None = None) -> None:
         """Load packed sources (building them if needed) and build datasets and samplers."""
@@ -440,22 +421,6 @@ class TokenMixDataModule(ResumableDataModule, LightningDataModule):
         if not rows:
             raise ValueError("calibration_batch: the training data has no sequence")
         return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        if self.mixture is None:
-            self.setup("fit")
-        return self._resumable_loader(num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is None:
-            self.setup("validate")
-        if not self.val_indices:
-            return []
-        # a Subset read sequentially (not a custom sampler): Lightning sees an unshuffled loader
-        return DataLoader(
-            Subset(self.val_dataset, list(self.val_indices)), batch_size=self.val_batch_size, shuffle=False,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False,
-        )
 
     # ------------------------------------------------------------------ statistics
 

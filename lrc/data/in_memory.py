@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from lrc.data.packing import PackedStream, interleave, seeded_rng
-from lrc.data.resume import ResumableDataLoader, ResumablePosition, TrainMixture, no_batch_message
+from lrc.data.resume import ResumableDataLoader, ResumablePosition, TrainMixture, check_whole_steps, no_batch_message
 
 __all__ = ["InMemoryMixture", "MixtureSampler", "PackedChunks", "report_dry_sources"]
 
@@ -67,8 +67,11 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
     pass)``), in the order of ``labels`` (default :func:`~lrc.data.packing.interleave` of
     the counts). The epoch is cut into batches of
     ``batch_size``; rank ``r`` of ``world_size`` takes global batches ``r, r + W, ...``
-    (all ranks get the same number). Iteration yields sample indices of whole batches,
-    starting at batch ``resume_batch`` when the epoch is ``resume_epoch``.
+    (all ranks get the same number). With ``drop_last`` the epoch holds whole optimizer steps of
+    ``accumulate`` batches on every rank (:func:`~lrc.data.resume.check_whole_steps`), so every
+    step is full and the epoch ends at the same sequence on any number of processes for the same
+    global batch. Iteration yields sample indices of whole batches, starting at batch
+    ``resume_batch`` when the epoch is ``resume_epoch``.
     """
 
     def __init__(
@@ -96,14 +99,17 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
         self.rank = rank
         self.world_size = world_size
         self.num_replicas = world_size  # DistributedSampler attribute names
+        self.accumulate = 1
         self.labels = interleave(self.counts, seed) if labels is None else np.asarray(labels, dtype=np.int64)
         if np.bincount(self.labels, minlength=len(self.counts)).tolist() != self.counts:
             raise ValueError("labels must hold counts[i] positions of every source i")
         self._init_position()
         self._cache: tuple[int, np.ndarray] | None = None
 
-    def set_rank(self, rank: int, world_size: int) -> None:
+    def set_rank(self, rank: int, world_size: int, accumulate: int = 1) -> None:
+        check_whole_steps(self.drop_last, int(world_size), int(accumulate))
         self.rank, self.world_size, self.num_replicas = int(rank), int(world_size), int(world_size)
+        self.accumulate = int(accumulate)
 
     # -- epoch order
 
@@ -125,8 +131,9 @@ class MixtureSampler(ResumablePosition, DistributedSampler):
 
     def batches_per_epoch(self) -> int:
         n = len(self.labels)
-        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        return total // self.world_size
+        if self.drop_last:  # whole optimizer steps
+            return n // (self.batch_size * self.world_size * self.accumulate) * self.accumulate
+        return -(-n // self.batch_size) // self.world_size
 
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         order = self.epoch_order(epoch)
@@ -165,14 +172,14 @@ class InMemoryMixture(TrainMixture):
     def position(self) -> MixtureSampler:
         return self.sampler
 
-    def set_rank(self, rank: int, world_size: int) -> None:
-        self.sampler.set_rank(rank, world_size)
+    def set_rank(self, rank: int, world_size: int, accumulate: int = 1) -> None:
+        self.sampler.set_rank(rank, world_size, accumulate)
         self.check_first_batch()  # the mixture may have been built before the trainer was attached
 
     def check_first_batch(self) -> None:
         if self.sampler.batches_per_epoch() == 0:
             raise ValueError(no_batch_message(len(self.sampler.labels), self.seq_len, self.sampler.batch_size,
-                                              self.sampler.world_size))
+                                              self.sampler.world_size, self.sampler.accumulate))
 
     def dataloader(self, **kwargs: Any) -> ResumableDataLoader:
         return ResumableDataLoader(self.dataset, batch_size=self.sampler.batch_size, sampler=self.sampler,

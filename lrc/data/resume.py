@@ -8,10 +8,14 @@
   first sequences and a check that it fills one batch;
 * :class:`ResumableDataLoader`: a ``DataLoader`` that counts the batches it hands out;
 * :class:`ResumableDataModule`: the ``state_dict`` / ``load_state_dict`` of a data module over a
-  :class:`TrainMixture` (``{"version": 1, "epoch", "batches_consumed", "fingerprint", "seed"}``),
-  which Lightning stores in checkpoints. After ``load_state_dict`` the first iteration of epoch
-  ``e`` skips exactly ``n`` batches, so a resumed run sees the same remaining batches as an
-  uninterrupted one.
+  :class:`TrainMixture` (``{"version": 2, "epoch", "sequences_consumed", "fingerprint", "seed"}``),
+  which Lightning stores in checkpoints. The position is global: the sequences of epoch ``e`` that
+  every process together has consumed. Each process's share of it (its batches to skip) is derived
+  from the batch size and the number of processes of the run that loads it, so a checkpoint resumes
+  exactly on 1 process or N for the same global batch; Lightning's own count of the epoch's batches
+  is set to the same share (:meth:`ResumableDataModule._align_trainer_progress`). A version-1 state
+  (``batches_consumed``: batches of one process) is read as batches of each process of the run that
+  loads it: exact on the process count that wrote it, as before.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from torch.utils.data import DataLoader
 
-__all__ = ["ResumableDataLoader", "ResumableDataModule", "ResumablePosition", "TrainMixture", "no_batch_message"]
+__all__ = [
+    "ResumableDataLoader", "ResumableDataModule", "ResumablePosition", "TrainMixture", "check_whole_steps",
+    "no_batch_message",
+]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ResumablePosition:
@@ -51,7 +58,8 @@ class TrainMixture:
     """The training data of a data module, whatever its kind: what the module asks of it.
 
     :attr:`position` holds the epoch and resume point; :meth:`set_rank` shards it for a
-    process of a multi-device run; :meth:`dataloader` iterates it from :attr:`position`;
+    process of a multi-device run and cuts every epoch into whole optimizer steps
+    (:func:`check_whole_steps`); :meth:`dataloader` iterates it from :attr:`position`;
     :meth:`first_sequences` reads the first sequences of epoch 0 without touching the
     position; :meth:`check_first_batch` raises ``ValueError`` (:func:`no_batch_message`) when
     it cannot fill one batch on every rank.
@@ -61,7 +69,7 @@ class TrainMixture:
     def position(self) -> ResumablePosition:
         raise NotImplementedError
 
-    def set_rank(self, rank: int, world_size: int) -> None:
+    def set_rank(self, rank: int, world_size: int, accumulate: int = 1) -> None:
         raise NotImplementedError
 
     def dataloader(self, **kwargs: Any) -> "ResumableDataLoader":
@@ -74,12 +82,31 @@ class TrainMixture:
         raise NotImplementedError
 
 
-def no_batch_message(sequences: int, seq_len: int, batch_size: int, world: int = 1) -> str:
-    """What to change when the training data does not fill one batch on every device."""
+def check_whole_steps(drop_last: bool, world: int, accumulate: int) -> None:
+    """An optimizer step's gradient is the token-weighted mean of its global batch only when each of
+    its ``world x accumulate`` micro-batches holds the same number of tokens: Lightning divides every
+    micro-batch's loss (a mean over its tokens) by ``accumulate`` and DDP / FSDP average over
+    processes. Packed sequences all have ``seq_len`` tokens, so the mixtures cut each epoch into whole
+    steps (``batch_size x world x accumulate`` sequences; the tail is dropped, as ``drop_last`` drops
+    a partial batch). ``drop_last=False`` keeps a partial last batch, which would weigh as much as a
+    full one: refused (``ValueError``) unless a step is one micro-batch on one process."""
+    if not drop_last and world * accumulate > 1:
+        raise ValueError(
+            f"drop_last=false keeps a partial last batch, which would weigh as much as a full batch in an optimizer "
+            f"step of {world * accumulate} micro-batches ({world} process(es) x {accumulate} accumulated); "
+            f"set drop_last=true"
+        )
+
+
+def no_batch_message(sequences: int, seq_len: int, batch_size: int, world: int = 1, accumulate: int = 1) -> str:
+    """What to change when the training data does not fill one optimizer step (one batch on every
+    device, ``accumulate`` times)."""
     devices = f" x {world} devices" if world > 1 else ""
+    devices += f" x {accumulate} accumulated" if accumulate > 1 else ""
     return (
         f"no full training batch: the data gives {sequences} training sequences of seq_len={seq_len} "
-        f"per epoch, fewer than batch_size={batch_size}{devices}; lower batch_size or seq_len, or add data"
+        f"per epoch, fewer than batch_size={batch_size}{devices}; lower "
+        f"{'global_batch_size' if accumulate > 1 else 'batch_size'} or seq_len, or add data"
     )
 
 
@@ -134,7 +161,8 @@ class ResumableDataModule:
     (mixed in before ``LightningDataModule``).
 
     The subclass sets ``self.mixture`` (None until set up), ``self._train_loader`` (the last
-    training loader), ``self._resume`` (None) and ``self.tokenizer``, and implements
+    training loader), ``self._resume`` (None), ``self.tokenizer`` and ``self.batch_size`` (sequences
+    per batch of one process), and implements
     :meth:`_data_fingerprint` (a hash of everything that fixes the batch order).
     """
 
@@ -142,6 +170,7 @@ class ResumableDataModule:
     _train_loader: ResumableDataLoader | None
     _resume: dict | None
     seed: int
+    batch_size: int
 
     def _data_fingerprint(self) -> str:
         raise NotImplementedError
@@ -161,9 +190,14 @@ class ResumableDataModule:
         except AttributeError:
             return None
 
+    def _accumulation(self) -> int:
+        """The attached trainer's ``accumulate_grad_batches`` (1 without one)."""
+        return int(getattr(getattr(self, "trainer", None), "accumulate_grad_batches", 1) or 1)
+
     def _resumable_loader(self, **kwargs: Any) -> ResumableDataLoader:
-        """The mixture's training loader on this process's rank, tied to this module's state."""
-        self.mixture.set_rank(*self._rank_world())
+        """The mixture's training loader on this process's rank, tied to this module's state; its
+        epochs are whole optimizer steps of the attached trainer."""
+        self.mixture.set_rank(*self._rank_world(), accumulate=self._accumulation())
         self._train_loader = self.mixture.dataloader(
             state_fn=self.state_dict, load_fn=self.load_state_dict, epoch_fn=self._trainer_epoch,
             persistent_workers=False, **kwargs,
@@ -175,6 +209,7 @@ class ResumableDataModule:
         self.mixture.position.set_epoch(epoch)
 
     def _position(self) -> tuple[int, int]:
+        """``(epoch, batches of this process consumed in it)``."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and self._train_loader is not None:
             try:
@@ -191,29 +226,53 @@ class ResumableDataModule:
         if self._train_loader is not None:
             return self._train_loader.position
         if self._resume is not None:
-            return int(self._resume["epoch"]), int(self._resume["batches_consumed"])
+            return self._resume["epoch"], self._local_batches(self._resume)
         return 0, 0
 
+    def _sequences_per_batch(self) -> int:
+        """Sequences one batch of every process holds together: ``batch_size x world_size``."""
+        return int(self.batch_size) * self._rank_world()[1]
+
+    def _local_batches(self, resume: Mapping[str, Any]) -> int:
+        """This process's batches to skip for a global position ``resume``; ``ValueError`` when it is
+        not a whole number of batches of every process (a position of a run with another global batch)."""
+        if resume.get("batches") is not None:  # a version-1 state: already this process's batches
+            return int(resume["batches"])
+        seqs, per = int(resume["sequences"]), self._sequences_per_batch()
+        if seqs % per:
+            raise ValueError(
+                f"cannot resume {type(self).__name__}: the checkpoint stopped {seqs} sequences into epoch "
+                f"{resume['epoch']}, which is not a whole number of batches of batch_size={self.batch_size} on "
+                f"{per // int(self.batch_size)} process(es) ({per} sequences); resume with the global batch "
+                f"(batch size x processes x accumulation) of the run that wrote it"
+            )
+        return seqs // per
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"version", "epoch", "batches_consumed", "fingerprint", "seed"}`` of the training stream."""
-        epoch, consumed = self._position()
+        """``{"version", "epoch", "sequences_consumed", "fingerprint", "seed"}`` of the training stream;
+        ``sequences_consumed`` counts the epoch's sequences of every process together."""
+        epoch, batches = self._position()
         return {
             "version": STATE_VERSION,
             "epoch": epoch,
-            "batches_consumed": consumed,
+            "sequences_consumed": batches * self._sequences_per_batch(),
             "fingerprint": self._data_fingerprint(),
             "seed": self.seed,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Resume: the next iteration of epoch ``epoch`` starts after ``batches_consumed`` batches."""
+        """Resume: the next iteration of epoch ``epoch`` starts after ``sequences_consumed`` sequences of
+        every process together (this process skips its share of them). A version-1 state's
+        ``batches_consumed`` is taken as this process's batches."""
         if not state_dict:
             return
-        if int(state_dict.get("version", 0)) != STATE_VERSION:
+        version = int(state_dict.get("version", 0))
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"unsupported {type(self).__name__} state version {state_dict.get('version')!r}")
         self._resume = {
             "epoch": int(state_dict["epoch"]),
-            "batches_consumed": int(state_dict["batches_consumed"]),
+            "sequences": int(state_dict["sequences_consumed"]) if version == STATE_VERSION else None,
+            "batches": int(state_dict["batches_consumed"]) if version == 1 else None,
             "fingerprint": state_dict.get("fingerprint"),
         }
         self._apply_resume()
@@ -226,8 +285,28 @@ class ResumableDataModule:
             warnings.warn(
                 f"resuming {type(self).__name__} with a different data configuration than the checkpoint's; "
                 "the position is kept but the batches will differ from the original run", stacklevel=2)
+        epoch, batches = self._resume["epoch"], self._local_batches(self._resume)
         position = self.mixture.position
-        position.set_epoch(self._resume["epoch"])
-        position.set_resume(self._resume["epoch"], self._resume["batches_consumed"])
+        position.set_epoch(epoch)
+        position.set_resume(epoch, batches)
         if self._train_loader is not None:
-            self._train_loader.position = (self._resume["epoch"], self._resume["batches_consumed"])
+            self._train_loader.position = (epoch, batches)
+        self._align_trainer_progress(batches)
+
+    def _align_trainer_progress(self, batches: int) -> None:
+        """Set Lightning's count of the epoch's batches, restored from a checkpoint, to this process's
+        ``batches``. They differ when the checkpoint was written on another number of processes; the
+        count decides where accumulation steps and the epoch end. Every counter moves by the same
+        amount, so Lightning still sees where in a batch the checkpoint was written. Lightning loads
+        the data position (through the train loader's ``load_state_dict``) after its loops, so this
+        runs after them; before (``restore_datamodule``) the loops are not restarting and nothing moves."""
+        trainer = getattr(self, "trainer", None)
+        fit_loop = getattr(trainer, "fit_loop", None)
+        if fit_loop is None or not fit_loop.restarting:
+            return
+        progress = fit_loop.epoch_loop.batch_progress
+        shift = batches - progress.current.ready
+        if shift:
+            for tracker in (progress.current, progress.total):
+                for field in ("ready", "started", "processed", "completed"):
+                    setattr(tracker, field, getattr(tracker, field) + shift)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lrc.data.packing import EXHAUSTED_MODES, Lookahead, OnlineInterleaver, StreamPacker, seeded_rng, tokenize_documents
-from lrc.data.resume import ResumableDataLoader, ResumablePosition, TrainMixture, no_batch_message
+from lrc.data.resume import ResumableDataLoader, ResumablePosition, TrainMixture, check_whole_steps, no_batch_message
 from lrc.data.sources import SourceConfig, iter_documents
 
 __all__ = ["StreamingMixture"]
@@ -41,9 +41,12 @@ class StreamingMixture(ResumablePosition, TrainMixture, IterableDataset):
     have chunks is reported once per epoch in the log (source, position, tokens read against
     its ``planned`` share). With ``shuffle``, each source's chunks pass a shuffle buffer of
     ``shuffle_buffer`` chunks seeded by ``(seed, epoch, source)`` (``+ (pass,)`` when read
-    again) before mixing. Batch ``b`` of the epoch goes to dataloader worker ``b % W``, so
-    the batch order does not depend on the number of workers (each worker reads the full
-    stream). Resuming replays the stream and skips ``resume_batch`` batches.
+    again) before mixing. Rank ``r`` of ``world_size`` takes global batches ``r, r + world_size,
+    ...``; with ``drop_last`` only whole optimizer steps (``world_size x accumulate`` batches, read
+    ahead before any is handed out) so every rank gets the same number of batches and every step
+    is full (:func:`~lrc.data.resume.check_whole_steps`). This rank's batch ``b`` goes to dataloader
+    worker ``b % W``, so the batch order does not depend on the number of workers (each worker reads
+    the full stream). Resuming replays the stream and skips ``resume_batch`` batches.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class StreamingMixture(ResumablePosition, TrainMixture, IterableDataset):
         self.cache_dir = cache_dir
         self.rank = rank
         self.world_size = world_size
+        self.accumulate = 1
         self.bos_id = bos_id
         self._init_position()
 
@@ -201,15 +205,17 @@ class StreamingMixture(ResumablePosition, TrainMixture, IterableDataset):
     def position(self) -> "StreamingMixture":
         return self
 
-    def set_rank(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = int(rank), int(world_size)
+    def set_rank(self, rank: int, world_size: int, accumulate: int = 1) -> None:
+        check_whole_steps(self.drop_last, int(world_size), int(accumulate))
+        self.rank, self.world_size, self.accumulate = int(rank), int(world_size), int(accumulate)
 
     def check_first_batch(self) -> None:
-        """Read the head of the stream: it must fill one batch on every rank."""
-        need = self.batch_size * self.world_size
+        """Read the head of the stream: it must fill one optimizer step (one batch on every rank,
+        ``accumulate`` times)."""
+        need = self.batch_size * self.world_size * self.accumulate
         got = self.first_chunks(need)
         if got < need:
-            raise ValueError(no_batch_message(got, self.seq_len, self.batch_size))
+            raise ValueError(no_batch_message(got, self.seq_len, self.batch_size, self.world_size, self.accumulate))
 
     def dataloader(self, **kwargs: Any) -> ResumableDataLoader:
         return ResumableDataLoader(self, batch_size=None, position_target=self, **kwargs)
@@ -248,9 +254,20 @@ class StreamingMixture(ResumablePosition, TrainMixture, IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         start = self.start_batch()
         local = 0  # batches of this rank seen so far
-        for b, batch in enumerate(self._batches(report=worker == 0 and self.rank == 0)):
-            if b % self.world_size != self.rank:
-                continue
+        for batch in self._rank_batches(report=worker == 0 and self.rank == 0):
             if local >= start and (local - start) % n_workers == worker:
                 yield self._collate(batch)
             local += 1
+
+    def _rank_batches(self, report: bool = False) -> Iterator[list]:
+        """This rank's batches of the epoch, in whole optimizer steps when ``drop_last``."""
+        step = self.world_size * self.accumulate if self.drop_last else self.world_size
+        pending: list = []  # this rank's batches of the step being read
+        for b, batch in enumerate(self._batches(report=report)):
+            if b % self.world_size == self.rank:
+                pending.append(batch)
+            if (b + 1) % step == 0:
+                yield from pending
+                pending = []
+        if not self.drop_last:
+            yield from pending

@@ -86,25 +86,19 @@ def tinybert_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    w_ce: float = 1.0,
-    w_kl: float = 1.0,
     w_hidden: float = 1.0,
     w_attn: float = 1.0,
-    temperature: float = 40.0,
-    kl_reduction: str = "sequence_sum",
-    kl_tau_squared: bool = False,
+    **kd_settings: Any,
 ) -> dict[str, torch.Tensor]:
-    """:func:`~lrc.methods.kd.kd_loss` plus ``hidden`` and ``attn`` (sums over entries of the
+    """:func:`~lrc.methods.kd.kd_loss` (``kd_settings``: its ``w_ce``, ``w_kl``, ``temperature``,
+    ``kl_reduction``, ``kl_tau_squared``) plus ``hidden`` and ``attn`` (sums over entries of the
     unweighted MSEs); ``loss`` adds ``w_hidden * hidden + w_attn * attn``. Per-entry values are
     ``tinybert/hidden/embed``, ``tinybert/hidden/{teacher layer}`` and ``tinybert/attn/{teacher layer}``.
     A term whose weight is 0 is reported as 0 and not computed."""
     for key, value in (("w_hidden", w_hidden), ("w_attn", w_attn)):
         if not float(value) >= 0:
             raise ValueError(f"{key} must be >= 0, got {value!r}")
-    results = kd_loss(
-        out.student_logits, out.teacher_logits, input_ids, labels, out.token_mask,
-        w_ce=w_ce, w_kl=w_kl, temperature=temperature, kl_reduction=kl_reduction, kl_tau_squared=kl_tau_squared,
-    )
+    results = kd_loss(out.student_logits, out.teacher_logits, input_ids, labels, out.token_mask, **kd_settings)
     zero = results["ce"].new_zeros(())
     hidden = attn = zero
     if w_hidden > 0 or w_attn > 0:
@@ -165,17 +159,10 @@ class TinyBERTModel(KDModel):
 
     method = "tinybert"
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        student_layers: Sequence[int] | None = None,
-        tokenizer: Any = None,
-        shared_map: bool = False,
-        map_seed: int = 0,
-    ) -> None:
-        super().__init__(teacher, student, student_layers=student_layers, tokenizer=tokenizer)
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, shared_map: bool = False, map_seed: int = 0,
+                 **kd_options: Any) -> None:
+        """``kd_options``: :class:`~lrc.methods.kd.KDModel`'s ``student_layers`` and ``tokenizer``."""
+        super().__init__(teacher, student, **kd_options)
         teacher.set_attn_implementation("eager")
         student.set_attn_implementation("eager")
         d, big_d = student.config.hidden_size, teacher.config.hidden_size

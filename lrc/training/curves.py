@@ -1,6 +1,7 @@
 """``curves.csv``: every run's training and validation curves, whatever logger the config chose.
 
-One row per logging call that carries ``train/*`` or ``val/*`` metrics. The first three columns
+One row per logging call that carries ``train/*``, ``val/*`` or ``eval/*`` metrics (``eval/*``:
+:class:`lrc.training.eval_callback.PeriodicEval`). The first three columns
 are ``step`` (the step Lightning logs at), ``tokens_seen`` (training tokens so far) and ``wall_s``
 (seconds of training so far, summed over resumes); the metric columns follow in sorted order.
 A resumed run appends to the file, so rows that it repeats (steps after the last checkpoint of an
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lrc.analysis.curves import CURVES_FILE, FIXED_COLUMNS, read_curves
 
 __all__ = ["CURVES_FILE", "CurvesLogger"]
-PREFIXES = ("train/", "val/")
+PREFIXES = ("train/", "val/", "eval/")
 
 
 class CurvesLogger(Logger):

@@ -308,7 +308,9 @@ class DistillModule(L.LightningModule):
         weighs the same in the gradient too (Lightning divides each by the accumulation count,
         DDP / FSDP average over processes), so the logged loss is the loss whose gradient the step
         applies, and a global batch gives the same numbers on 1 process or N. lrc's batches are
-        fixed-shape packed sequences (``drop_last``), so every micro-batch holds the same number of
+        fixed-shape packed sequences (``seq_len`` tokens each, no padding, so ``token_mask`` is None)
+        and the data modules cut every epoch into whole steps of full micro-batches
+        (:func:`lrc.data.resume.check_whole_steps`), so every micro-batch holds the same number of
         tokens and this mean of means is the token-weighted mean of the global batch."""
         if not self._step_terms:
             return

@@ -164,7 +164,7 @@ def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path, tok):
     for _ in range(3):
         next(it)
     state = first.state_dict()
-    assert (state["epoch"], state["batches_consumed"]) == (0, 3)
+    assert (state["epoch"], state["sequences_consumed"]) == (0, 3 * 2)
     resumed = make()
     resumed.load_state_dict(state)
     assert collect(resumed.train_dataloader()) == ref[3:]
@@ -178,6 +178,20 @@ def test_chatterbot_default_is_real_dialogue(tok):
     assert stats["train_conversations"] > 1500 and stats["val_conversations"] > 50
     batch = next(iter(dm.train_dataloader()))
     assert (batch["labels"] != IGNORE).sum() > 0
+
+
+def test_no_validation_is_refused_and_a_module_built_from_a_path_loads_the_tokenizer(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", _chat_rows(8))
+    tok.save_pretrained(tmp_path / "tok")
+    dm = ChatDataModule([{"name": "c", "kind": "jsonl", "path": str(path)}], tokenizer=tmp_path / "tok", seq_len=64,
+                        batch_size=2, val_fraction=0.0)
+    assert dm.tokenizer.chat_template == tok.chat_template and dm.source_names == ["c"]
+    with pytest.raises(ValueError) as err:
+        dm.check_data()
+    assert str(err.value) == ("no validation conversations: the sources hold out none (val_fraction=0.0, "
+                              "val_sequences=None); raise val_fraction, add conversations or set a val_split")
+    dm.check_data(require_validation=False)
+    assert dm.val_dataloader() == [] and len(dm.train_dataloader()) == 4  # 8 rows of one conversation, 2 per batch
 
 
 def test_bad_input_is_named(tmp_path, tok):

@@ -193,13 +193,13 @@ def test_mid_epoch_resume_is_exact(tmp_path, tok, streaming):
     first = collect(run.train_dataloader(), 5)
     assert first == epoch0[:5]
     state = run.state_dict()
-    assert state["epoch"] == 0 and state["batches_consumed"] == 5 and state["version"] == 1
+    assert state["epoch"] == 0 and state["sequences_consumed"] == 5 * 4 and state["version"] == 2
 
     resumed = make_dm(tmp_path, tok, sources, **kw)
     resumed.load_state_dict(state)
     loader = resumed.train_dataloader()
     assert collect(loader) == epoch0[5:]
-    assert resumed.state_dict()["batches_consumed"] == len(epoch0)
+    assert resumed.state_dict()["sequences_consumed"] == len(epoch0) * 4
     resumed.set_epoch(1)
     assert collect(loader) == epoch1  # the next epoch starts from its beginning
 
@@ -208,6 +208,75 @@ def test_mid_epoch_resume_is_exact(tmp_path, tok, streaming):
                                cache_dir=str(tmp_path / "cache"), **kw)
     early.load_state_dict(state)
     assert collect(early.train_dataloader(), 2) == epoch0[5:7]
+
+
+def _on_ranks(dm, rank, world, accumulate=1):
+    """``dm`` as seen by process ``rank`` of ``world`` accumulating ``accumulate`` batches a step
+    (what an attached Trainer tells it)."""
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, accumulate_grad_batches=accumulate)
+    return dm
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_epochs_are_whole_optimizer_steps(tmp_path, tok, streaming):
+    """Every optimizer step holds ``world x accumulate`` full batches, so its gradient (each
+    micro-batch's mean divided by the accumulation, averaged over processes) is the token-weighted
+    mean of the global batch: the epoch drops the tail that does not fill a step, on 1 process
+    accumulating 4 and on 2 accumulating 2 alike (same global batch, same sequences), every rank
+    gets as many batches, and drop_last=false is refused once a step has several micro-batches."""
+    sources = _two_sources(tmp_path, streaming)
+    kw = dict(seed=4, shuffle_buffer=16, batch_size=2, max_train_tokens=44 * 16)  # 22 batches of 2
+    plain = collect(make_dm(tmp_path, tok, sources, **kw).train_dataloader())
+    whole = 20  # 5 steps of 4 batches
+    assert len(plain) == 22
+    one = collect(_on_ranks(make_dm(tmp_path, tok, sources, **kw), 0, 1, 4).train_dataloader())
+    assert one == plain[:whole]
+    r0, r1 = (collect(_on_ranks(make_dm(tmp_path, tok, sources, **kw), r, 2, 2).train_dataloader()) for r in (0, 1))
+    assert len(r0) == len(r1) == whole // 2 and r0 == plain[:whole:2] and r1 == plain[1:whole:2]
+    with pytest.raises(ValueError, match=r"drop_last=false .* step of 2 micro-batches \(1 process\(es\) x 2"):
+        _on_ranks(make_dm(tmp_path, tok, sources, drop_last=False, **kw), 0, 1, 2).train_dataloader()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_position_is_global_across_process_counts(tmp_path, tok, streaming):
+    """The stored position counts the sequences of every process together, so a position written on
+    1 process resumes on 2 (each skips its half) and one written on 2 resumes on 1; a position that is
+    not a whole batch of every process is refused; a version-1 state still counts one process's batches."""
+    sources = _two_sources(tmp_path, streaming)
+    kw = dict(seed=5, shuffle_buffer=16, batch_size=2)
+    ref = collect(make_dm(tmp_path, tok, sources, **kw).train_dataloader())  # 1 process, batches of 2
+    assert len(ref) >= 16
+
+    def ranks(state, world=2):
+        out = []
+        for r in range(world):
+            dm = _on_ranks(make_dm(tmp_path, tok, sources, **kw), r, world)
+            dm.load_state_dict(state)
+            out.append(collect(dm.train_dataloader()))
+        return out
+
+    one = make_dm(tmp_path, tok, sources, **kw)
+    collect(one.train_dataloader(), 6)
+    state = one.state_dict()
+    assert state["sequences_consumed"] == 12 and state["version"] == 2
+    r0, r1 = ranks(state)  # 1 -> 2 processes: rank r takes global batches 6 + r, 8 + r, ...
+    assert r0[:4] == ref[6::2][:4] and r1[:4] == ref[7::2][:4]
+
+    two = _on_ranks(make_dm(tmp_path, tok, sources, **kw), 0, 2)
+    collect(two.train_dataloader(), 3)  # 3 batches on each of 2 processes: 12 sequences
+    assert two.state_dict()["sequences_consumed"] == 12
+    back = make_dm(tmp_path, tok, sources, **kw)  # 2 -> 1 process
+    back.load_state_dict(two.state_dict())
+    assert collect(back.train_dataloader()) == ref[6:]
+
+    odd = make_dm(tmp_path, tok, sources, **kw)
+    collect(odd.train_dataloader(), 3)  # 6 sequences: not whole batches of 2 processes x 2
+    with pytest.raises(ValueError, match=r"stopped 6 sequences into epoch 0.*batch_size=2 on 2 process\(es\)"):
+        ranks(odd.state_dict())
+    r0, r1 = ranks({"version": 1, "epoch": 0, "batches_consumed": 3, "fingerprint": None, "seed": 5})
+    assert r0[:2] == ref[6::2][:2] and r1[:2] == ref[7::2][:2]
 
 
 def test_resume_in_a_later_epoch(tmp_path, tok):
@@ -295,7 +364,7 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path, tok, streaming, mode, ch
     trainer(5, ckpt_every=5).fit(first, datamodule=fresh_dm())
     ckpt = tmp_path / "ckpt" / "step=5.ckpt"
     saved = torch.load(ckpt, weights_only=False)["TokenMixDataModule"]
-    assert saved["epoch"] == 0 and saved["batches_consumed"] == 5
+    assert saved["epoch"] == 0 and saved["sequences_consumed"] == 5 * 4
 
     second = Recorder()
     trainer(total).fit(second, datamodule=fresh_dm(), ckpt_path=ckpt)
