@@ -624,6 +624,22 @@ def test_interrupts_and_resumes_equal_the_uninterrupted_run(corpus, tmp_path):
         assert torch.equal(state[k], expected[k]), k
 
 
+def test_a_signal_stops_the_whole_sweep_and_auto_resumes_it(corpus, tmp_path):
+    """SIGTERM during job 0 of a two-job sweep: job 0 writes its checkpoint, the sweep stops there
+    (job 1 never starts) with status 130; the same command with ckpt_path=auto finishes both."""
+    args = [a for a in cli_args(corpus, tmp_path / "x", *_signal_overrides(corpus)) if not a.startswith("hydra.run.dir")]
+    sweep = ["-m", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "ckpt_path=auto"]
+    code, out = _run_until(lrc_distill(sweep), 4, signal.SIGTERM)
+    assert code == 130, out[-3000:]
+    assert "lrc-distill: sweep stopped: job 0 was interrupted" in out
+    assert not (tmp_path / "sweep" / "1").exists()
+    assert json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["interrupted"] is True
+    code, out = _run_until(lrc_distill(sweep), SIGNAL_STEPS, None)
+    assert code == 0, out[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["steps"] == SIGNAL_STEPS
+
+
 @pytest.mark.parametrize("every,expected_steps", [(0, []), (2, [0, 2])])
 def test_per_layer_logging_frequency(corpus, tmp_path, every, expected_steps):
     import csv

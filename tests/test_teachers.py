@@ -449,15 +449,13 @@ def test_teacher_config_errors_match_load_teacher(source, kwargs, exc, match):
         teachers.teacher_config(source, **kwargs)
 
 
-def test_teacher_config_of_an_unreadable_source_is_one_clear_value_error(tmp_path, monkeypatch):
-    """A local directory without config.json, and a hub id with the hub out of reach (offline mode
-    here), give one ValueError naming the source and what to do, not transformers' traceback."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_teacher_config_of_an_unreadable_source_is_one_clear_value_error(tmp_path):
+    """A local directory without config.json gives one ValueError naming the source and what to do,
+    not transformers' traceback (a hub id that cannot be reached goes through the same branch; it is
+    not exercised here because transformers retries the network for ~20 s first)."""
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"teacher.source='.*': cannot read its config.json .*local directory"):
         teachers.teacher_config(str(tmp_path))
-    with pytest.raises(ValueError, match=r"teacher.source='lrc-test/no-such-model': cannot read its config.json"):
-        teachers.teacher_config("lrc-test/no-such-model")
 
 
 def test_teacher_directory_is_what_from_pretrained_reads(tmp_path):

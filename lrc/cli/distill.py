@@ -420,7 +420,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One job. A bad input or a stopped run prints ``lrc-distill: error: ...`` and exits with 2. In
     a sweep (``-m``) any failing job instead writes ``error.txt`` into its directory and the sweep
-    goes on; the sweep's summary (:mod:`lrc.cli.hydra_hooks`) lists it and the exit status is 1."""
+    goes on; the sweep's summary (:mod:`lrc.cli.hydra_hooks`) lists it and the exit status is 1. A
+    job stopped by SIGINT / SIGTERM stops the whole sweep (exit status 130) after its checkpoint."""
     try:
         summary = run(cfg)
     except Exception as err:  # noqa: BLE001 - reported below, re-raised when unexpected outside a sweep
@@ -442,6 +443,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"lrc-distill: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("interrupted") and _in_sweep():
+        # SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) stops the whole sweep, not only this job
+        from hydra.core.hydra_config import HydraConfig
+
+        print(f"lrc-distill: sweep stopped: job {HydraConfig.get().job.num} was interrupted (its checkpoint is "
+              f"written); rerun the same command with ckpt_path=auto to resume it and skip the finished jobs",
+              file=sys.stderr)
+        sys.exit(130)
     return (summary.get("val") or {}).get("ce")
 
 
