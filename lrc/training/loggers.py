@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -19,6 +20,8 @@ class ResumableCSVLogger(CSVLogger):
     def experiment(self):
         if self._experiment is not None:
             return self._experiment
+        if rank_zero_only.rank > 0:  # only rank 0 writes (the parent gives the others a dummy); reading
+            return super().experiment  # the file here would race with rank 0 replacing it
         path = Path(self.log_dir) / "metrics.csv"
         previous = path.read_text() if path.is_file() else None
         writer = super().experiment  # creates the writer, which removes the old file
