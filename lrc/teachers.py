@@ -651,10 +651,9 @@ def load_teacher(
         model, tokenizer = tiny_teacher(src.location, **(tiny or {})), tiny_tokenizer()
         _cast_parameters(model, torch_dtype)
     else:
-        if src.kind == "gguf" and not _cache_is_valid(Path(src.location), src.gguf):
-            convert_gguf_teacher(src.gguf, src.location)
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(src.location)
+        location = teacher_directory(source, cache_dir)  # a GGUF teacher is converted once, here
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
 
     check_tokenizer_matches(model, tokenizer, source)
     if tokenizer.pad_token is None:
