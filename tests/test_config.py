@@ -39,6 +39,8 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         over.append("teacher.source=org/some-model")
     if group == "loss" and (CONF_DIR / "method" / f"{option}.yaml").is_file():
         over.append(f"method={option}")  # a method's own loss option, with that method
+    if group in ("method", "loss") and option != "lrc":
+        over.append("~experiment")  # the default job is an LRC recipe a baseline refuses (tests/test_methods.py)
     cfg = composed(over, tmp_path)
     # the pieces are accepted by the code that consumes them: the loss by the active method's settings
     method_class(cfg["method"]["_target_"]).loss_config(**cfg["loss"])
@@ -52,12 +54,14 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
 
 
 def test_the_default_job_is_the_demo_and_other_experiments_replace_it(tmp_path):
-    """lrc-distill alone runs experiment/demo.yaml (rank 432, pca init, lr 3e-5); any other experiment
+    """lrc-distill alone runs experiment/demo.yaml (rank 432, pca init, lr 3e-5, alpha 0); any other experiment
     replaces it, so the paper's small-scale artefacts keep the groups' paper-like settings."""
     default = composed([], tmp_path)
     assert (default["student"]["rank"], default["student"]["init"], default["optim"]["lr"]) == (432, "pca", 3e-5)
+    assert default["loss"]["alpha"] == 0.0
     fig3 = composed(["experiment=paper/fig3_lrc"], tmp_path)
     assert (fig3["student"]["rank"], fig3["student"]["init"], fig3["optim"]["lr"]) == (288, "normal", 1e-3)
+    assert fig3["loss"]["alpha"] == 0.2
     plain = composed(["~experiment"], tmp_path)  # no experiment at all: the groups alone
     assert (plain["student"]["rank"], plain["student"]["init"]) == (288, "normal")
 

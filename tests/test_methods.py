@@ -177,6 +177,20 @@ def test_clone_only_student_keys_are_refused_by_the_baselines(corpus, tmp_path, 
     assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("method", ["kd", "tinybert"])
+def test_a_baseline_on_the_embedded_default_job_is_refused_with_the_way_out(corpus, tmp_path, capsys, method):
+    # experiment=demo (what lrc-distill runs with no experiment) sets loss.alpha and student.init=pca
+    out = tmp_path / "run"
+    code, text = cli(capsys, "distill", *cli_args(corpus, out, "experiment=demo", f"method={method}"))
+    assert code == 2
+    assert "unknown key loss.alpha" in text
+    assert f"experiment=demo, is an LRC recipe: run method={method} with experiment=paper/fig3_{method} or" in text
+    assert "'~experiment'" in text and not (out / "config.yaml").exists()
+    # the same refusal without the demo carries no such hint
+    code, text = cli(capsys, "distill", *cli_args(corpus, out, f"method={method}", "+loss.alpha=0"))
+    assert code == 2 and "unknown key loss.alpha" in text and "experiment=demo" not in text
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -209,7 +223,7 @@ def test_method_configs_repeat_the_python_defaults():
     expected = {"lrc": None, "kd": KDLossConfig(), "tinybert": TinyBERTLossConfig()}
     assert sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml")) == sorted(CLASSES)
     for name, cls in CLASSES.items():
-        cfg = OmegaConf.to_container(compose_cfg([f"method={name}", "paths.output_dir=x"]), resolve=True)
+        cfg = OmegaConf.to_container(compose_cfg(["~experiment", f"method={name}", "paths.output_dir=x"]), resolve=True)
         options = dict(cfg["method"])
         assert method_class(options.pop("_target_")) is cls and options.pop("name") == cls.default_name == name
         defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}

@@ -182,3 +182,16 @@ def test_sft_optim_file_repeats_the_python_defaults():
     optim = OmegaConf.to_container(cfg.optim)
     assert {k: optim[k] for k in SFT_OPTIM} == SFT_OPTIM
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.max_steps == -1 and cfg.data.seq_len == 256
+
+
+def test_a_failed_start_is_set_aside_naming_lrc_sft(tiny_model_dir, chats, tmp_path, capsys):
+    # what a start that never reached a checkpoint left is moved aside, and the message names the tool
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("left: by a failed start\n")
+    run(sft_cfg(tiny_model_dir, chats, out, "trainer.max_steps=1"))
+    err = capsys.readouterr().err
+    (aside,) = out.glob("failed-start-*")
+    assert (aside / "config.yaml").read_text() == "left: by a failed start\n"
+    assert f"lrc-sft: {out} holds no checkpoint, only what a failed start left (config.yaml)" in err
+    assert "lrc-distill" not in err

@@ -1,9 +1,9 @@
 """``lrc-distill``: compose the Hydra config, validate it, train, export, summarise.
 
-    lrc-distill                                    # the embedded default (SmolLM2-135M, rank 288)
+    lrc-distill                                    # the embedded default job (experiment=demo)
     lrc-distill student.rank=144 loss.alpha=0.5    # any key can be overridden
     lrc-distill -m student.rank=144,288 loss.alpha=0.2,0.5
-    lrc-distill method=kd loss.w_kl=2              # a baseline (conf/method/*.yaml), same student shape
+    lrc-distill experiment=paper/fig3_kd           # a baseline (conf/method/*.yaml) on the embedded teacher
     lrc-distill hydra.run.dir=runs/lrc/<run> ckpt_path=last   # resume
 """
 
@@ -94,13 +94,13 @@ def check_teacher_fit(cfg: DictConfig) -> None:
     method.check_settings(teacher, *(OmegaConf.to_container(cfg[k], resolve=True) for k in ("student", "loss")))
 
 
-def check_static(cfg: DictConfig, resume_check: Any = None) -> tuple[Path, str | None]:
+def check_static(cfg: DictConfig, resume_check: Any = None, command: str = "lrc-distill") -> tuple[Path, str | None]:
     """Checks of the output directory (held locked by :func:`run`): returns it and the checkpoint
     to resume from (``None`` for a fresh run). A directory holding a checkpoint, ``metrics.json``
     or an export holds a run and is refused for a fresh start; one holding only what a failed
     start left is reused, with those files set aside. A checkpoint to resume from is read once,
     safely, and must fit this run's teacher and student (``resume_check(cfg, ckpt)``, default
-    :func:`check_resume`; lrc-sft passes its own)."""
+    :func:`check_resume`; lrc-sft passes its own, and its ``command`` name for the messages)."""
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = cfg.ckpt_path
@@ -124,7 +124,7 @@ def check_static(cfg: DictConfig, resume_check: Any = None) -> tuple[Path, str |
                 f"output directory {out} already holds a run ({', '.join(held)}); resume it with ckpt_path=last "
                 f"or choose another directory (hydra.run.dir=...)"
             )
-        set_aside_failed_start(out)
+        set_aside_failed_start(out, command)
     else:
         (resume_check or check_resume)(cfg, ckpt)
     return out, ckpt
@@ -136,9 +136,10 @@ def run_evidence(out: Path) -> list[str]:
     return found + [name for name in ("metrics.json", "student") if (out / name).exists()]
 
 
-def set_aside_failed_start(out: Path) -> None:
+def set_aside_failed_start(out: Path, command: str = "lrc-distill") -> None:
     """Move what a start that never reached a checkpoint left in ``out`` (see :data:`LEFTOVERS`)
-    into ``out/failed-start-<time>/``, so the new run's logs do not mix with it."""
+    into ``out/failed-start-<time>/``, so the new run's logs do not mix with it (``command`` names
+    the tool in the message)."""
     found = [name for name in LEFTOVERS if (out / name).exists()]
     if not found:
         return
@@ -146,7 +147,7 @@ def set_aside_failed_start(out: Path) -> None:
     aside.mkdir()
     for name in found:
         os.replace(out / name, aside / name)
-    print(f"lrc-distill: {out} holds no checkpoint, only what a failed start left ({', '.join(found)}); "
+    print(f"{command}: {out} holds no checkpoint, only what a failed start left ({', '.join(found)}); "
           f"moved to {aside.name}/ and starting afresh", file=sys.stderr)
 
 
@@ -259,9 +260,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     The settings are checked before anything is read or written; the output directory is then
     locked for the whole run, so a second run aimed at it fails at once."""
-    check_settings(cfg)
-    apply_batch_plan(cfg)  # trainer.accumulate_grad_batches from global_batch_size; token budget
-    check_teacher_fit(cfg)  # the teacher's config only: before any conversion, download or write
+    try:
+        check_settings(cfg)
+        apply_batch_plan(cfg)  # trainer.accumulate_grad_batches from global_batch_size; token budget
+        check_teacher_fit(cfg)  # the teacher's config only: before any conversion, download or write
+    except ValueError as err:
+        hint = baseline_on_demo_hint(cfg)
+        if hint:
+            raise ConfigError(f"{err}{hint}") from None
+        raise
     with lock_run_dir(Path(cfg.paths.output_dir)):
         done = finished_summary(cfg)
         if done is not None:
@@ -269,6 +276,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   f"(ckpt_path=auto): skipped", file=sys.stderr)
             return done
         return _run(cfg)
+
+
+def baseline_on_demo_hint(cfg: DictConfig) -> str:
+    """The embedded default job (``experiment=demo``) sets LRC-only keys (``student.init``,
+    ``loss.alpha``) that a baseline method refuses; when a baseline is composed with it, the text to
+    add to that refusal (empty otherwise, and outside ``@hydra.main``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().runtime.choices.get("experiment") != "demo":
+        return ""
+    method = str(OmegaConf.select(cfg, "method.name", default="lrc"))
+    if method == "lrc":
+        return ""
+    paper = f"experiment=paper/fig3_{method} or " if (CONF_DIR / "experiment" / "paper" / f"fig3_{method}.yaml").exists() else ""
+    return (f" (the embedded default job, experiment=demo, is an LRC recipe: run method={method} with "
+            f"{paper}without the demo, '~experiment')")
 
 
 def finished_summary(cfg: DictConfig) -> dict[str, Any] | None:

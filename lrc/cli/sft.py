@@ -105,7 +105,7 @@ def _run(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     from lrc.cli.fit import train
     from lrc.training.sft import SFTModule, load_causal_lm
 
-    out, ckpt = check_static(cfg, resume_check=check_resume)
+    out, ckpt = check_static(cfg, resume_check=check_resume, command="lrc-sft")
     container = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate_checked(cfg.data)
