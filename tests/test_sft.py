@@ -195,3 +195,60 @@ def test_a_failed_start_is_set_aside_naming_lrc_sft(tiny_model_dir, chats, tmp_p
     assert (aside / "config.yaml").read_text() == "left: by a failed start\n"
     assert f"lrc-sft: {out} holds no checkpoint, only what a failed start left (config.yaml)" in err
     assert "lrc-distill" not in err
+
+
+def test_a_step_of_micro_batches_is_the_mean_over_all_its_labelled_tokens(tiny_model_dir):
+    """Two micro-batches with 3 and about 30 labelled tokens, accumulated into one Lightning step: the
+    gradient the optimizer sees is that of the CE averaged over all the step's labelled tokens,
+    computed here on an untouched copy of the model, not the mean of the two micro-batch means."""
+    import copy
+
+    import lightning as L
+
+    from lrc.data.chat import pack_conversations, render_with_labels
+    from lrc.losses import next_token_cross_entropy
+    from lrc.training.sft import SFTModule, load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    reference = copy.deepcopy(model)
+
+    def batch(answer: str) -> dict[str, torch.Tensor]:
+        conv = render_with_labels([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": answer}], tok)
+        rows = pack_conversations([conv], 96, tok.pad_token_id)
+        return {k: torch.from_numpy(getattr(rows, k)) for k in ("input_ids", "labels", "attention_mask", "segment_ids")}
+
+    batches = [batch("Yes."), batch("The answer to that is long, with many words in it, one after another, to the end.")]
+    counts = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+    assert counts[1] > 5 * counts[0]
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def snapshot(optimizer, args, kwargs):
+                seen.update({n: p.grad.detach().clone() for n, p in pl_module.lm.named_parameters()})
+            # after the step: Lightning runs the last micro-batch inside optimizer.step(closure)
+            trainer.optimizers[0].register_step_post_hook(snapshot)
+
+    module = SFTModule(model=str(tiny_model_dir), model_obj=model, tokenizer=tok)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Capture()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert module.tokens_seen == sum(counts)
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        reference.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.detach().clone() for n, p in reference.named_parameters()}
+
+    def ce(b):  # the micro-batch's mean CE over its labelled tokens, on the untouched copy
+        return next_token_cross_entropy(reference(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    token_mean = grads(sum(ce(b) * n for b, n in zip(batches, counts)) / sum(counts))
+    mean_of_means = grads(sum(ce(b) for b in batches) / len(batches))
+    assert seen.keys() == token_mean.keys()
+    for name, g in token_mean.items():
+        torch.testing.assert_close(seen[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # the two weightings differ, so the comparison above can tell them apart
+    assert any(not torch.allclose(token_mean[n], mean_of_means[n], rtol=1e-2, atol=1e-5) for n in token_mean)

@@ -71,6 +71,7 @@ class SFTModule(L.LightningModule):
         self.run_config = _plain(run_config)
         self._loaded = (model_obj, tokenizer)
         self.tokens_seen = 0  # labelled (trained) tokens, all processes together
+        self._step_tokens = 0  # labelled tokens of the optimizer step under way, all processes together
         self._t_last: float | None = None
         self.val_ce = MeanMetric()
 
@@ -95,22 +96,41 @@ class SFTModule(L.LightningModule):
         return next_token_cross_entropy(logits, labels), (labels[:, 1:] != -100).sum()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the micro-batch's CE summed over its labelled tokens (logs their mean); the step's
+        gradient is divided by the step's labelled tokens in :meth:`on_before_optimizer_step`."""
         loss, n = self._loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} ({loss.item()}); "
                                      f"nothing from this step was saved")
+        n_all = n
         if self._trainer is not None:
-            n = self.trainer.strategy.reduce(n.to(self.device), reduce_op="sum")
-        self.tokens_seen += int(n)
+            n_all = self.trainer.strategy.reduce(n.to(self.device), reduce_op="sum")
+        self.tokens_seen += int(n_all)
+        self._step_tokens += int(n_all)
         now = time.perf_counter()
-        tps = int(n) / (now - self._t_last) if self._t_last is not None else float("nan")
+        tps = int(n_all) / (now - self._t_last) if self._t_last is not None else float("nan")
         self._t_last = now
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True)
         if math.isfinite(tps):
             self.log("train/tokens_per_s", tps, on_step=True)
-        return loss
+        return loss * n.to(loss.dtype)
+
+    def normalise_step_gradient(self) -> None:
+        """Make the step's gradient that of the mean CE over all its labelled tokens (every
+        micro-batch on every process), whatever their counts. Each micro-batch returned its summed
+        CE; Lightning divided it by ``accumulate_grad_batches`` and DDP / FSDP averaged over the
+        processes, so the gradient holds sum / (processes x accumulation): multiply by
+        (processes x accumulation) / tokens. A mean per micro-batch would weigh a token of a
+        micro-batch with few labelled tokens more than one of a full micro-batch."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        scale = world * accumulate / max(self._step_tokens, 1)
+        self._step_tokens = 0
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step, then a check that every weight is still finite (before any checkpoint of it)."""
@@ -121,6 +141,7 @@ class SFTModule(L.LightningModule):
                                         f"({bad[:5]}); nothing from this step was saved")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.normalise_step_gradient()  # before the norm is logged and Lightning clips it
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
