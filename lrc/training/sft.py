@@ -97,7 +97,7 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Returns the micro-batch's CE summed over its labelled tokens (logs their mean); the step's
-        gradient is divided by the step's labelled tokens in :meth:`on_before_optimizer_step`."""
+        gradient is divided by the step's labelled tokens in :meth:`normalise_step_gradient`."""
         loss, n = self._loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} ({loss.item()}); "
@@ -124,8 +124,8 @@ class SFTModule(L.LightningModule):
         processes, so the gradient holds sum / (processes x accumulation): multiply by
         (processes x accumulation) / tokens. A mean per micro-batch would weigh a token of a
         micro-batch with few labelled tokens more than one of a full micro-batch."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        trainer = self._trainer
+        world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer is not None else (1, 1)
         scale = world * accumulate / max(self._step_tokens, 1)
         self._step_tokens = 0
         for p in self.parameters():
