@@ -232,9 +232,12 @@ def memory_per_device(
     ``strategy``: "single" (one device), "ddp" (everything replicated), "fsdp" (teacher, trainable
     tensors, gradients and Adam state sharded over ``devices``). Adam keeps two states per trainable
     element in its dtype. The merged student matrices of one layer exist while it runs (all layers'
-    without checkpointing). Logits: the full (tokens x V) logits in the compute dtype plus three
-    fp32 copies (upcast, log-probabilities of both models) without ``logit_chunk_size``; with it,
-    those for one chunk plus the kept gradient of the hidden states.
+    without checkpointing). Logits (:func:`lrc.losses.chunked_ce_kl`): for one chunk of
+    ``logit_chunk_size`` positions (every position without it), both models' logits in the compute
+    dtype, their fp32 copies when that is half precision, and four fp32 temporaries of the same
+    size (log-probabilities of both models, the teacher's probabilities, the scaled student logits;
+    on a CPU they are cache-sized tiles instead, so this is the GPU's figure), plus the kept
+    gradient of the student's hidden states.
     """
     if strategy not in ("single", "ddp", "fsdp"):
         raise ValueError(f"strategy must be single, ddp or fsdp, got {strategy!r}")
@@ -250,10 +253,9 @@ def memory_per_device(
     n = int(tokens_per_forward)
     merged_layer = shape.layer_matrix_params(student.rank) * compute_bytes
     head = shape.vocab * student.rank * compute_bytes * 2  # merged head and its gradient
-    if logit_chunk_size:
-        logits = min(int(logit_chunk_size), n) * shape.vocab * (compute_bytes + 12) + n * student.rank * compute_bytes
-    else:
-        logits = n * shape.vocab * (2 * compute_bytes + 12)  # both models' logits + fp32 copies
+    rows = min(int(logit_chunk_size), n) if logit_chunk_size else n
+    upcast = 8 if compute_bytes < 4 else 0
+    logits = rows * shape.vocab * (2 * compute_bytes + upcast + 16) + n * student.rank * compute_bytes
     out = {}
     for name, ckpt in (("no_checkpointing", False), ("checkpointing", True)):
         parts = dict(base)

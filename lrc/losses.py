@@ -1,7 +1,10 @@
 """The LRC objective (docs/method.md, section 4): CE + KL + alpha * sum of activation-clone MSE terms.
 
 Pure functions do the math (:func:`next_token_cross_entropy`, :func:`kl_divergence`,
-:func:`masked_mse`, :func:`layer_clone_terms`); :class:`LRCLoss` weighs and sums them.
+:func:`masked_mse`, :func:`layer_clone_terms`); :class:`LRCLoss` weighs and sums them. Training
+computes CE and KL with :func:`chunked_ce_kl` (the same values and gradients as the first two, in
+place and in few passes over the vocabulary, :func:`ce_kl_rows`), and each MSE with one fused
+autograd function.
 
 The clone terms are computed *inside* each decoder layer of the clone (so teacher activations
 never outlive their layer and per-layer activation checkpointing stays possible); the layer asks
@@ -9,7 +12,7 @@ never outlive their layer and per-layer activation checkpointing stays possible)
 is that request for a given :class:`LossConfig`:
 
     loss_fn = LRCLoss(LossConfig(alpha=0.5))
-    out = clone(input_ids, terms=loss_fn.request)
+    out = clone(input_ids, terms=loss_fn.request, logits=loss_fn.wants_logits)
     terms = loss_fn(out, input_ids)
 
 Each term is one function in a registry (:func:`register_clone_term`): ``fn(student, teacher,
@@ -46,20 +49,48 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class _SquaredErrorSum(torch.autograd.Function):
+    """``sum(((a - b) * m) ** 2) / count`` in three passes over the operands: one difference, kept
+    for the backward (masked in place), one dot product; the backward scales it once. Autograd's
+    ``(a - b).pow(2).mean()`` makes and keeps more full-size tensors, and a clone forward computes
+    one such term per projection per layer."""
+
+    @staticmethod
+    def forward(ctx, a, b, mask, count):
+        diff = _upcast(a) - _upcast(b)
+        if mask is not None:
+            diff.mul_(mask.to(diff.dtype))
+        flat = diff.reshape(-1)
+        ctx.save_for_backward(diff)
+        ctx.count, ctx.dtypes = count, (a.dtype, b.dtype)
+        return torch.dot(flat, flat) / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        g = diff * (2 * grad / ctx.count)
+        g_a = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        g_b = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return g_a, g_b, None, None
+
+
 def masked_mse(a: torch.Tensor, b: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all elements of the (B, T, ...) tensors; with ``token_mask`` (B, T)
     only valid tokens count (mean over valid tokens x features).
 
     Half-precision operands (bf16/fp16, e.g. activations under autocast) are upcast first, so the
     difference, the square, the sum and the result are fp32; the token count is an exact integer.
+    Computed by one fused autograd function (the same value and gradient as autograd's
+    ``(a - b).pow(2).mean()``, with fewer passes over the operands).
     """
-    a, b = _upcast(a), _upcast(b)
-    sq = (a - b).pow(2)
+    if a.shape != b.shape:
+        raise ValueError(f"masked_mse needs operands of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    dtype = torch.promote_types(_upcast(a[:0]).dtype, _upcast(b[:0]).dtype)
     if token_mask is None:
-        return sq.mean()
-    m = token_mask.reshape(*token_mask.shape, *([1] * (sq.dim() - token_mask.dim())))
-    count = token_mask.to(torch.int64).sum() * sq[0, 0].numel()  # exact, whatever the mask's dtype
-    return (sq * m.to(sq.dtype)).sum() / count.clamp_min(1).to(sq.dtype)
+        return _SquaredErrorSum.apply(a, b, None, a.numel())
+    m = token_mask.reshape(*token_mask.shape, *([1] * (a.dim() - token_mask.dim())))
+    count = token_mask.to(torch.int64).sum() * a[0, 0].numel()  # exact, whatever the mask's dtype
+    return _SquaredErrorSum.apply(a, b, m, count.clamp_min(1).to(dtype))
 
 
 def next_token_cross_entropy(
@@ -108,13 +139,84 @@ def kl_divergence(
 # CE and KL in chunks over positions (LossConfig.logit_chunk_size)
 # --------------------------------------------------------------------------------------------
 def _chunk_logits(x: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-    """Logits of one chunk of positions: ``x`` itself, or the hidden states ``x`` through ``head``."""
-    return x if head is None else F.linear(x, head)
+    """Logits of one chunk of positions, in a fresh tensor the caller may overwrite: a copy of ``x``
+    itself, or the hidden states ``x`` through ``head``; half precision is upcast to fp32."""
+    if head is None:
+        return x.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype, copy=True)
+    return _upcast(F.linear(x, head))
+
+
+#: bytes of one tile of logit rows that the fused CE/KL passes walk over on a CPU: small enough for
+#: the processor's cache, so the dozen elementwise passes over a row read it from there, not from memory
+CPU_TILE_BYTES = 1 << 21
+
+
+def _tile_rows(z: torch.Tensor) -> int:
+    """Rows per tile of :func:`ce_kl_rows`: a cache-sized tile on a CPU, every row at once elsewhere
+    (on a GPU each pass is one kernel launch over the whole chunk)."""
+    if z.device.type != "cpu":
+        return max(1, z.shape[0])
+    return max(1, CPU_TILE_BYTES // max(1, z.shape[-1] * z.element_size()))
+
+
+def ce_kl_rows(
+    z: torch.Tensor,
+    u: torch.Tensor | None,
+    targets: torch.Tensor,
+    ce_w: torch.Tensor,
+    kl_w: torch.Tensor,
+    *,
+    w_ce: float,
+    w_kl: float,
+    temperature: float,
+    ignore_index: int = -100,
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted CE and KL sums of rows of logits, and their gradient, in place and in few passes.
+
+    ``z`` (N, V): student logits, ``u`` (N, V): teacher logits (``None`` when ``w_kl`` is 0), both
+    overwritten; ``targets`` (N,) the token each row predicts or ``ignore_index``; ``ce_w`` / ``kl_w``
+    (N,) per-row weights. Returns ``(sum_i ce_w[i] CE_i, sum_i kl_w[i] KL_i)`` with
+    ``CE_i = logsumexp(z_i) - z_i[t_i]`` and ``KL_i = KL(softmax(u_i / tau) || softmax(z_i / tau))``;
+    with ``need_grad`` ``z`` then holds the gradient of ``w_ce * CE + w_kl * KL`` sums:
+    ``w_ce ce_w (softmax(z) - onehot(t)) + w_kl kl_w (softmax(z / tau) - softmax(u / tau)) / tau``.
+    Rows are taken a cache-sized tile at a time (:func:`_tile_rows`).
+    """
+    use_ce, use_kl = w_ce != 0, w_kl != 0
+    ce = z.new_zeros(())
+    kl = z.new_zeros(())
+    step = _tile_rows(z)
+    for s in range(0, z.shape[0], step):
+        e = min(s + step, z.shape[0])
+        zz = z[s:e]
+        tgt = targets[s:e]
+        valid = tgt != ignore_index
+        picked = tgt.clamp_min(0).unsqueeze(-1)
+        if use_ce:
+            lse = torch.logsumexp(zz, -1)
+            ce = ce + ((lse - zz.gather(-1, picked).squeeze(-1)) * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).sum()
+        if use_kl:
+            log_p = torch.log_softmax(u[s:e].div_(temperature), -1)
+            p = log_p.exp()
+            log_q = torch.log_softmax(zz / temperature, -1)
+            kl = kl + (torch.linalg.vecdot(p, log_p.sub_(log_q)) * kl_w[s:e].to(z.dtype)).sum()
+        if not need_grad:
+            continue
+        if use_ce:
+            a = (w_ce * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).unsqueeze(-1)
+            zz.sub_(lse.unsqueeze(-1)).exp_().mul_(a)  # softmax(z) weighted
+            zz.scatter_add_(-1, picked, -a)
+        else:
+            zz.zero_()
+        if use_kl:
+            zz.addcmul_(log_q.exp_().sub_(p), (w_kl / temperature * kl_w[s:e].to(z.dtype)).unsqueeze(-1))
+    return ce, kl
 
 
 class _ChunkedCEKL(torch.autograd.Function):
     """``w_ce * CE + w_kl * KL`` over positions in chunks of ``chunk`` rows, with its gradient
-    computed chunk by chunk in the forward (so no full-vocabulary tensor outlives its chunk).
+    computed chunk by chunk in the forward (so no full-vocabulary tensor outlives its chunk, and
+    each chunk's logits become their own gradient in place, :func:`ce_kl_rows`).
 
     Inputs are flattened over positions: ``x_s`` (N, k) student logits (``head_s`` None) or final
     hidden states with ``head_s`` (V, k); the same for the teacher (no gradient). ``targets`` (N,)
@@ -127,41 +229,23 @@ class _ChunkedCEKL(torch.autograd.Function):
     def forward(ctx, x_s, head_s, x_t, head_t, targets, ce_w, kl_w, w_ce, w_kl, temperature, chunk, ignore_index,
                 need_grad):
         n = x_s.shape[0]
-        ce = x_s.new_zeros((), dtype=torch.float32 if x_s.dtype in (torch.float16, torch.bfloat16) else x_s.dtype)
-        kl = ce.clone()
         g_x = torch.empty_like(x_s) if need_grad and ctx.needs_input_grad[0] else None
         g_head = None
         if need_grad and head_s is not None and ctx.needs_input_grad[1]:
-            g_head = torch.zeros(head_s.shape, dtype=ce.dtype if head_s.dtype != torch.float64 else head_s.dtype,
-                                 device=head_s.device)
-        use_ce, use_kl = w_ce != 0, w_kl != 0
+            g_head = torch.zeros(head_s.shape, dtype=_upcast(head_s[:0]).dtype, device=head_s.device)
+        ce = kl = None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _upcast(_chunk_logits(x_s[s:e], head_s))
-            dz = torch.zeros_like(z) if need_grad else None
-            if use_ce:
-                tgt = targets[s:e]
-                valid = tgt != ignore_index
-                logp = F.log_softmax(z, dim=-1)
-                picked = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                ce = ce + (-picked * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).sum()
-                if need_grad:
-                    d = logp.exp()
-                    d.scatter_add_(-1, tgt.clamp_min(0).unsqueeze(-1), -valid.to(z.dtype).unsqueeze(-1))
-                    dz.add_(d * (w_ce * ce_w[s:e].to(z.dtype)).masked_fill(~valid, 0).unsqueeze(-1))
-                del logp
-            if use_kl:
-                with torch.no_grad():
-                    log_p = F.log_softmax(_upcast(_chunk_logits(x_t[s:e], head_t)).to(z.dtype) / temperature, dim=-1)
-                log_q = F.log_softmax(z / temperature, dim=-1)
-                p = log_p.exp()
-                per_pos = (p * (log_p - log_q)).sum(-1)
-                kl = kl + (per_pos * kl_w[s:e].to(z.dtype)).sum()
-                if need_grad:
-                    dz.add_((log_q.exp() - p) * (w_kl * kl_w[s:e].to(z.dtype) / temperature).unsqueeze(-1))
-                del log_p, log_q, p
-            if need_grad:
-                dz = dz.to(x_s.dtype if head_s is None else head_s.dtype)
+            in_place = head_s is None and g_x is not None and g_x.dtype == _upcast(g_x[:0]).dtype
+            # logits given: their gradient is written over a copy of them in g_x itself
+            z = g_x[s:e].copy_(x_s[s:e]) if in_place else _chunk_logits(x_s[s:e], head_s)
+            u = _chunk_logits(x_t[s:e], head_t).to(z.dtype) if w_kl != 0 else None
+            ce_c, kl_c = ce_kl_rows(z, u, targets[s:e], ce_w[s:e], kl_w[s:e], w_ce=w_ce, w_kl=w_kl,
+                                    temperature=temperature, ignore_index=ignore_index, need_grad=need_grad)
+            del u
+            ce, kl = (ce_c, kl_c) if ce is None else (ce + ce_c, kl + kl_c)
+            if need_grad and not in_place:
+                dz = z.to(x_s.dtype if head_s is None else head_s.dtype)
                 if head_s is None:
                     if g_x is not None:
                         g_x[s:e] = dz
@@ -169,8 +253,12 @@ class _ChunkedCEKL(torch.autograd.Function):
                     if g_x is not None:
                         g_x[s:e] = dz @ head_s
                     if g_head is not None:
-                        g_head += (dz.t() @ x_s[s:e]).to(g_head.dtype)
-            del z, dz
+                        if g_head.dtype == dz.dtype:
+                            g_head.addmm_(dz.t(), x_s[s:e])
+                        else:
+                            g_head += (dz.t() @ x_s[s:e]).to(g_head.dtype)
+                del dz
+            del z
         if g_head is not None:
             g_head = g_head.to(head_s.dtype)
         ctx.save_for_backward(g_x, g_head)
@@ -497,11 +585,14 @@ class LossConfig:
                     the same terms (the reference code's then are the paper's), so "reference" with
                     all/all sharing changes nothing. The terms depend on the student's sharing:
                     :meth:`LRCLoss.check_sharing` binds it.
-    logit_chunk_size: ``None`` or 0 = CE and KL on the full (B, T, V) logits; N = over chunks of N
-                    positions (:func:`chunked_ce_kl`): same values and gradients, at most one chunk
-                    of full-vocabulary tensors at a time, and with a clone forward run with
-                    ``logits=False`` (:attr:`LRCLoss.wants_logits`) no full logits at all. ``ce``
-                    and ``kl`` are then returned detached; ``loss`` carries the gradient.
+    logit_chunk_size: CE and KL are computed by :func:`chunked_ce_kl` from the final hidden states
+                    and the heads (a clone forward with ``logits=False``, :attr:`LRCLoss.wants_logits`),
+                    in chunks of N positions: at most one chunk of full-vocabulary tensors exists at a
+                    time, and each chunk's logits become their own gradient in place. ``None`` or 0 =
+                    every position of the micro-batch in one chunk (fastest while the (B*T, V) fp32
+                    logits of both models fit). Same values and gradients as the autograd functions
+                    :func:`next_token_cross_entropy` and :func:`kl_divergence`; ``ce`` and ``kl`` are
+                    returned detached, ``loss`` carries the gradient.
     """
 
     w_ce: float = 1.0
@@ -652,10 +743,11 @@ class LRCLoss:
 
     @property
     def wants_logits(self) -> bool:
-        """Whether this loss needs the full logits from the forward (``False`` with
-        ``logit_chunk_size``: a clone forward with ``logits=False`` hands over the final hidden
-        states and heads instead, :class:`lrc.model.clone.HeadInputs`)."""
-        return not self.config.logit_chunk_size
+        """Whether this loss needs the full logits from the forward: never, a clone forward with
+        ``logits=False`` hands over the final hidden states and heads instead
+        (:class:`lrc.model.clone.HeadInputs`), from which :func:`chunked_ce_kl` computes them chunk
+        by chunk (``logit_chunk_size``). A forward's logits are taken as well."""
+        return False
 
     @property
     def request(self) -> TermRequest:
@@ -746,24 +838,19 @@ class LRCLoss:
         return results
 
     def _ce_kl(self, out: Any, labels: torch.Tensor, token_mask: torch.Tensor | None):
-        """``(w_ce * ce + w_kl * kl, ce, kl)``: on the full logits, or in chunks of positions
-        (``logit_chunk_size``) from the logits or from the forward's head inputs (``out.head``)."""
+        """``(w_ce * ce + w_kl * kl, ce, kl)`` by :func:`chunked_ce_kl`, in chunks of
+        ``logit_chunk_size`` positions (all at once when unset), from the forward's head inputs
+        (``out.head``) or from its logits."""
         c = self.config
-        if not c.logit_chunk_size:
-            if out.student_logits is None:
-                raise ValueError("the clone output holds no logits (a forward with logits=False): "
-                                 "set LossConfig.logit_chunk_size or run the forward with logits=True")
-            ce = next_token_cross_entropy(out.student_logits, labels)
-            kl = kl_divergence(out.student_logits, out.teacher_logits, c.temperature, c.kl_reduction,
-                               c.kl_tau_squared, token_mask)
-            return c.w_ce * ce + c.w_kl * kl, ce, kl
         head = getattr(out, "head", None)
-        if out.student_logits is not None or head is None:
+        if out.student_logits is not None:
             s, t, heads = out.student_logits, out.teacher_logits, (None, None)
-        else:
+        elif head is not None:
             s, t, heads = head.student_hidden, head.teacher_hidden, (head.student_head, head.teacher_head)
+        else:
+            raise ValueError("the clone output holds neither logits nor head inputs")
         return chunked_ce_kl(
-            s, t, labels, chunk_size=c.logit_chunk_size, w_ce=c.w_ce, w_kl=c.w_kl, temperature=c.temperature,
-            reduction=c.kl_reduction, tau_squared=c.kl_tau_squared, token_mask=token_mask,
-            student_head=heads[0], teacher_head=heads[1],
+            s, t, labels, chunk_size=c.logit_chunk_size or labels.numel(), w_ce=c.w_ce, w_kl=c.w_kl,
+            temperature=c.temperature, reduction=c.kl_reduction, tau_squared=c.kl_tau_squared,
+            token_mask=token_mask, student_head=heads[0], teacher_head=heads[1],
         )

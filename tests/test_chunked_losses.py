@@ -10,6 +10,7 @@ import pytest
 import torch
 from clone_utils import make_clone, random_ids, randomize_trainable
 
+from lrc import losses
 from lrc.losses import KL_REDUCTIONS, LossConfig, LRCLoss, chunked_ce_kl, kl_divergence, next_token_cross_entropy
 
 B, T, D_S, D_T, V = 2, 7, 5, 6, 11
@@ -60,6 +61,24 @@ def test_chunked_from_hidden_states_matches_unchunked(reduction, tau_squared, w_
         _close(got, want)
 
 
+@pytest.mark.parametrize("w_ce,w_kl", WEIGHTS)
+@pytest.mark.parametrize("rows_per_tile", [1, 3])
+def test_cache_sized_tiles_of_rows_match_unchunked(monkeypatch, w_ce, w_kl, rows_per_tile):
+    """On a CPU the fused passes walk each chunk a cache-sized tile of rows at a time
+    (``CPU_TILE_BYTES``); tiles of 1 and 3 rows (not dividing a chunk of 5) give the same values
+    and gradients as autograd on the whole logits."""
+    monkeypatch.setattr(losses, "CPU_TILE_BYTES", rows_per_tile * V * 4)
+    h_s, head_s, h_t, head_t, mask, labels = _inputs(3)
+    h_s.requires_grad_(), head_s.requires_grad_()
+    ref, _, _ = _reference(h_s @ head_s.T, h_t @ head_t.T, labels, mask, w_ce, w_kl, "token_mean", False)
+    want = torch.autograd.grad(ref, (h_s, head_s))
+    loss, _, _ = chunked_ce_kl(h_s, h_t, labels, chunk_size=5, w_ce=w_ce, w_kl=w_kl, temperature=TAU,
+                               reduction="token_mean", token_mask=mask, student_head=head_s, teacher_head=head_t)
+    _close(loss, ref)
+    for got, expected in zip(torch.autograd.grad(loss, (h_s, head_s)), want):
+        _close(got, expected)
+
+
 @pytest.mark.parametrize("reduction", KL_REDUCTIONS)
 @pytest.mark.parametrize("tau_squared", [False, True])
 @pytest.mark.parametrize("w_ce,w_kl", WEIGHTS)
@@ -69,9 +88,11 @@ def test_chunked_from_logits_matches_unchunked(reduction, tau_squared, w_ce, w_k
     z_t = h_t @ head_t.T
     ref, _, _ = _reference(z_s, z_t, labels, mask, w_ce, w_kl, reduction, tau_squared)
     (want,) = torch.autograd.grad(ref, z_s)
+    given = z_s.detach().clone(), z_t.clone()
     loss, _, _ = chunked_ce_kl(z_s, z_t, labels, chunk_size=4, w_ce=w_ce, w_kl=w_kl, temperature=TAU,
                                reduction=reduction, tau_squared=tau_squared, token_mask=mask)
     _close(loss, ref)
+    assert torch.equal(z_s, given[0]) and torch.equal(z_t, given[1])  # the work is done on copies
     (got,) = torch.autograd.grad(loss, z_s)
     _close(got, want)
 
@@ -116,38 +137,58 @@ def _saved_shapes(fn) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("reduction", KL_REDUCTIONS)
-def test_lrc_loss_chunked_equals_unchunked_on_a_clone(reduction):
+def test_lrc_loss_equals_autograd_on_the_logits_of_a_clone(reduction):
+    """LRCLoss computes CE and KL from the forward's hidden states and heads (in chunks, or every
+    position at once when unset): the same values and gradients as autograd through the
+    unchunked functions on the logits of a forward with ``logits=True``, and no tensor of
+    vocabulary width is kept for the backward."""
     clone, ids, mask = _clone_and_batch()
     v = clone.teacher_config.vocab_size
+    labels = ids.masked_fill(~mask.bool(), -100)
     results = {}
-    for chunk in (None, 6):
+    for chunk in ("reference", None, 6):
         cfg = LossConfig(alpha=0.5, temperature=TAU, kl_reduction=reduction, kl_tau_squared=True,
-                         logit_chunk_size=chunk)
+                         logit_chunk_size=None if chunk == "reference" else chunk)
         loss_fn = LRCLoss(cfg)
         clone.zero_grad(set_to_none=True)
         box = {}
 
         def step():
-            out = clone(ids, attention_mask=mask, terms=loss_fn.request, logits=loss_fn.wants_logits)
-            box["out"], box["terms"] = out, loss_fn(out, ids)
+            if chunk == "reference":
+                out = clone(ids, attention_mask=mask, terms=loss_fn.request, logits=True)
+                w = {"ce": next_token_cross_entropy(out.student_logits, labels),
+                     "kl": kl_divergence(out.student_logits, out.teacher_logits, TAU, reduction, True, out.token_mask)}
+                w["clone"] = sum(out.clone_terms.values())
+                w["loss"] = w["ce"] + w["kl"] + 0.5 * w["clone"]
+                box["out"], box["terms"] = out, w
+            else:
+                out = clone(ids, attention_mask=mask, terms=loss_fn.request, logits=loss_fn.wants_logits)
+                box["out"], box["terms"] = out, loss_fn(out, ids)
 
         # positions covered by a saved tensor of vocabulary width (logits, log-probabilities)
         vocab_rows = [math.prod(s) // v for s in _saved_shapes(step) if s and s[-1] == v]
         box["terms"]["loss"].backward()
         grads = {n: p.grad.clone() for n, p in clone.named_trainable()}
         results[chunk] = (box["terms"], grads, max(vocab_rows, default=0), box["out"])
-    (t0, g0, big0, out0), (t1, g1, big1, out1) = results[None], results[6]
-    for key in ("loss", "ce", "kl", "clone"):
-        _close(t1[key], t0[key])
-    for name in g0:
-        _close(g1[name], g0[name])
-    # the unchunked step keeps (B, T, V) logits for its backward; the chunked one no vocabulary-wide tensor
-    assert out1.student_logits is None and out1.head is not None
-    assert big0 >= ids.numel() and big1 == 0
+    t0, g0, big0, _ = results["reference"]
+    assert big0 >= ids.numel()  # autograd keeps (B, T, V) logits for its backward
+    for chunk in (None, 6):
+        t1, g1, big1, out1 = results[chunk]
+        for key in ("loss", "ce", "kl", "clone"):
+            _close(t1[key], t0[key])
+        for name in g0:
+            _close(g1[name], g0[name])
+        assert out1.student_logits is None and out1.head is not None
+        assert big1 == 0
 
 
-def test_unchunked_loss_needs_logits():
+def test_lrc_loss_takes_a_forwards_logits():
+    """A forward with ``logits=True`` (what validation runs) gives LRCLoss the logits themselves:
+    the same values as from the head inputs."""
     clone, ids, _ = _clone_and_batch()
-    out = clone(ids, logits=False)
-    with pytest.raises(ValueError, match="logit_chunk_size"):
-        LRCLoss(LossConfig())(out, ids)
+    loss_fn = LRCLoss(LossConfig(temperature=TAU))
+    with torch.no_grad():
+        from_logits = loss_fn(clone(ids, logits=True, terms=loss_fn.request), ids)
+        from_heads = loss_fn(clone(ids, logits=False, terms=loss_fn.request), ids)
+    for key in ("loss", "ce", "kl"):
+        _close(from_logits[key], from_heads[key])

@@ -50,6 +50,25 @@ def test_masked_mse_by_hand():
     assert masked_mse(a, b, mask).item() == pytest.approx(total / (3 * 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_masked_mse_gradients_by_hand(dtype, masked):
+    """The fused MSE's gradients: d/da = 2 m (a - b) / count and d/db its negative, each in its
+    operand's dtype (half precision is reduced in fp32)."""
+    a, b = rnd(2, 3, 4).to(dtype).requires_grad_(), rnd(2, 3, 4).to(dtype).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]) if masked else torch.ones(2, 3, dtype=torch.int64)
+    count = mask.sum().item() * 4
+    value = masked_mse(a, b, mask if masked else None)
+    assert value.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    g_a, g_b = torch.autograd.grad(value * 3.0, (a, b))
+    want = 3.0 * 2 * (a.double() - b.double()) * mask[..., None] / count
+    assert g_a.dtype == g_b.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-12
+    assert torch.allclose(g_a.double(), want, atol=tol) and torch.allclose(g_b.double(), -want, atol=tol)
+    with pytest.raises(ValueError, match="one shape"):
+        masked_mse(a, b[:, :2])
+
+
 def test_next_token_cross_entropy_by_hand():
     logits = rnd(2, 4, 5)
     labels = torch.tensor([[1, 2, 3, 4], [0, 1, -100, 2]])

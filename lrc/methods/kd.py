@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lrc.losses import KL_REDUCTIONS, kl_divergence, next_token_cross_entropy
+from lrc.losses import KL_REDUCTIONS, chunked_ce_kl
 from lrc.methods.students import kept_teacher_layers, random_student, save_plain_student
 from lrc.model import CloneConfig
 from lrc.model.adapters import check_teacher, teacher_arch
@@ -55,7 +55,9 @@ def kd_loss(
     kl_tau_squared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``{"loss": w_ce * ce + w_kl * kl, "ce", "kl"}`` with the LRC objective's CE and KL
-    (:func:`~lrc.losses.next_token_cross_entropy`, :func:`~lrc.losses.kl_divergence`).
+    (:func:`~lrc.losses.chunked_ce_kl` over every position at once: the values and gradient of
+    :func:`~lrc.losses.next_token_cross_entropy` and :func:`~lrc.losses.kl_divergence`; ``ce``
+    and ``kl`` are detached, ``loss`` carries the gradient).
 
     labels default to ``input_ids`` with positions outside ``token_mask`` ignored (-100), as in
     :class:`~lrc.losses.LRCLoss`; ``token_mask`` (B, T) also excludes padding from the KL.
@@ -63,9 +65,11 @@ def kd_loss(
     check_kd_weights(w_ce, w_kl, temperature, kl_reduction)
     if labels is None:
         labels = input_ids if token_mask is None else input_ids.masked_fill(~token_mask.bool(), -100)
-    ce = next_token_cross_entropy(student_logits, labels)
-    kl = kl_divergence(student_logits, teacher_logits, temperature, kl_reduction, kl_tau_squared, token_mask)
-    return {"loss": w_ce * ce + w_kl * kl, "ce": ce, "kl": kl}
+    loss, ce, kl = chunked_ce_kl(
+        student_logits, teacher_logits, labels, chunk_size=labels.numel(), w_ce=w_ce, w_kl=w_kl,
+        temperature=temperature, reduction=kl_reduction, tau_squared=kl_tau_squared, token_mask=token_mask,
+    )
+    return {"loss": loss, "ce": ce, "kl": kl}
 
 
 @dataclass

@@ -68,6 +68,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             keeping them (less memory, about one more forward of compute).
         reshard_after_forward: free each layer's gathered parameters after its forward and gather
             them again in backward (ZeRO-3); ``False`` keeps them until backward (ZeRO-2-like).
+            The root unit (embeddings, final norms, heads) is always kept until its backward.
         process_group_backend: ``nccl`` on GPUs and ``gloo`` on CPUs when ``None``.
     """
 
@@ -122,7 +123,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             # the last unit's parameters are needed again at once by the root's backward: keep them
             fully_shard(unit, mesh=mesh, mp_policy=policy,
                         reshard_after_forward=self.reshard_after_forward and unit is not units[-1])
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        # the root unit (embeddings, final norms, heads) stays gathered from its forward to its
+        # backward: the loss reads the heads between the two (CE and KL from the hidden states,
+        # lrc.losses.chunked_ce_kl), and the backward needs them again at once
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
     # ---------------------------------------------------------------------- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
