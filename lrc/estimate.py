@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lrc.losses import DEVICE_TILE_BYTES
 from lrc.model.layers import choose_projection_path, projection_path_flops
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -234,10 +235,10 @@ def memory_per_device(
     element in its dtype. The merged student matrices of one layer exist while it runs (all layers'
     without checkpointing). Logits (:func:`lrc.losses.chunked_ce_kl`): for one chunk of
     ``logit_chunk_size`` positions (every position without it), both models' logits in the compute
-    dtype, their fp32 copies when that is half precision, and four fp32 temporaries of the same
-    size (log-probabilities of both models, the teacher's probabilities, the scaled student logits;
-    on a CPU they are cache-sized tiles instead, so this is the GPU's figure), plus the kept
-    gradient of the student's hidden states.
+    dtype, their fp32 copies when that is half precision, and four fp32 temporaries of one tile of
+    rows (log-probabilities of both models, the teacher's probabilities, the scaled student logits;
+    ``lrc.losses.DEVICE_TILE_BYTES`` per temporary on a GPU, the figure given here; a CPU's tiles
+    are cache-sized), plus the kept gradient of the student's hidden states.
     """
     if strategy not in ("single", "ddp", "fsdp"):
         raise ValueError(f"strategy must be single, ddp or fsdp, got {strategy!r}")
@@ -254,8 +255,10 @@ def memory_per_device(
     merged_layer = shape.layer_matrix_params(student.rank) * compute_bytes
     head = shape.vocab * student.rank * compute_bytes * 2  # merged head and its gradient
     rows = min(int(logit_chunk_size), n) if logit_chunk_size else n
+    tile_rows = min(rows, max(1, DEVICE_TILE_BYTES // (4 * shape.vocab)))
     upcast = 8 if compute_bytes < 4 else 0
-    logits = rows * shape.vocab * (2 * compute_bytes + upcast + 16) + n * student.rank * compute_bytes
+    logits = (rows * shape.vocab * (2 * compute_bytes + upcast) + tile_rows * shape.vocab * 16
+              + n * student.rank * compute_bytes)
     out = {}
     for name, ckpt in (("no_checkpointing", False), ("checkpointing", True)):
         parts = dict(base)

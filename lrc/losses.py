@@ -146,17 +146,18 @@ def _chunk_logits(x: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
     return _upcast(F.linear(x, head))
 
 
-#: bytes of one tile of logit rows that the fused CE/KL passes walk over on a CPU: small enough for
-#: the processor's cache, so the dozen elementwise passes over a row read it from there, not from memory
+#: bytes of one tile of logit rows that the fused CE/KL passes walk over (fp32 rows): on a CPU small
+#: enough for the processor's cache, so the dozen elementwise passes over a row read it from there,
+#: not from memory; on other devices (a GPU) large enough that each pass is one long kernel, while
+#: bounding the tile's four temporaries
 CPU_TILE_BYTES = 1 << 21
+DEVICE_TILE_BYTES = 1 << 27
 
 
 def _tile_rows(z: torch.Tensor) -> int:
-    """Rows per tile of :func:`ce_kl_rows`: a cache-sized tile on a CPU, every row at once elsewhere
-    (on a GPU each pass is one kernel launch over the whole chunk)."""
-    if z.device.type != "cpu":
-        return max(1, z.shape[0])
-    return max(1, CPU_TILE_BYTES // max(1, z.shape[-1] * z.element_size()))
+    """Rows per tile of :func:`ce_kl_rows` (``CPU_TILE_BYTES`` or ``DEVICE_TILE_BYTES`` of them)."""
+    budget = CPU_TILE_BYTES if z.device.type == "cpu" else DEVICE_TILE_BYTES
+    return max(1, budget // max(1, z.shape[-1] * z.element_size()))
 
 
 def ce_kl_rows(
