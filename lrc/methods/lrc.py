@@ -70,7 +70,7 @@ class LRCModule(DistillModule):
 
     def forward_options(self, training: bool) -> dict[str, Any]:
         # training: exactly the clone terms the loss weighs; validation: logits only
-        # with loss.logit_chunk_size the training forward hands the loss hidden states, not logits
+        # the training forward hands the loss hidden states and heads, not logits (LRCLoss.wants_logits)
         if not training:
             return {"terms": TermRequest(terms=())}
         return {"terms": self.loss_fn.request, "logits": self.loss_fn.wants_logits}
