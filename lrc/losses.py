@@ -477,18 +477,30 @@ for _name in ("q", "k", "v"):
     register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
 
 
+def _output_mse(name: str, hidden: str, weight: str, bias: str, teacher_space: bool, detach: bool,
+                student, teacher, ctx: TermContext) -> torch.Tensor:
+    """The MSE of a block's output ``name`` ("o" or "down"): with learned alignment, A times the
+    student's output vs the teacher's (width D); in teacher space, the student's ``hidden``
+    activations (the output matrix's input) through the teacher's ``weight`` / ``bias`` vs the
+    teacher's output (width D); otherwise the student's output (width d) vs the teacher's output
+    through the block's output projection, ``y_t @ P`` (detached with ``detach``)."""
+    if ctx.request.output_alignment == "learned":
+        return _aligned_output_mse(name, student, teacher, ctx)
+    if teacher_space:
+        s = F.linear(student[hidden], ctx.teacher_weights[weight], ctx.teacher_weights.get(bias))
+        return masked_mse(s, teacher[name], ctx.token_mask)
+    t = _projected_target(teacher[name], ctx.projections[name], detach)
+    return masked_mse(student[name], t, ctx.token_mask)
+
+
 @register_clone_term("o", default_weight=1.0)
 def attention_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
     """o: teacher space (student heads through the teacher's o_proj vs teacher o_attn, width D)
     or student space (student o_attn vs teacher o_attn @ Po, width d); with learned alignment, A_o
     times student o_attn vs teacher o_attn (width D); see :class:`TermRequest`."""
-    if ctx.request.output_alignment == "learned":
-        return _aligned_output_mse("o", student, teacher, ctx)
-    if ctx.request.attn_out_space == "teacher":
-        s = F.linear(student["attn"], ctx.teacher_weights["wo"], ctx.teacher_weights.get("bo"))
-        return masked_mse(s, teacher["o"], ctx.token_mask)
-    t = _projected_target(teacher["o"], ctx.projections["o"], ctx.request.detach_o_target)
-    return masked_mse(student["o"], t, ctx.token_mask)
+    r = ctx.request
+    return _output_mse("o", "attn", "wo", "bo", r.attn_out_space == "teacher", r.detach_o_target,
+                       student, teacher, ctx)
 
 
 for _name in ("gate", "up"):
@@ -500,13 +512,9 @@ def ffn_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
     """down: student o_ffn (width d) vs teacher o_ffn @ Pdown, or (``ffn_out_space="teacher"``)
     the student's FFN hidden activations through the teacher's down_proj vs teacher o_ffn (width
     D); with learned alignment, A_down times student o_ffn vs teacher o_ffn (width D)."""
-    if ctx.request.output_alignment == "learned":
-        return _aligned_output_mse("down", student, teacher, ctx)
-    if ctx.request.ffn_out_space == "teacher":
-        s = F.linear(student["ffn_hidden"], ctx.teacher_weights["wdown"], ctx.teacher_weights.get("bdown"))
-        return masked_mse(s, teacher["down"], ctx.token_mask)
-    t = _projected_target(teacher["down"], ctx.projections["down"], ctx.request.detach_down_target)
-    return masked_mse(student["down"], t, ctx.token_mask)
+    r = ctx.request
+    return _output_mse("down", "ffn_hidden", "wdown", "bdown", r.ffn_out_space == "teacher", r.detach_down_target,
+                       student, teacher, ctx)
 
 
 def _shared_input_term(name: str, block: str, projection: str, sharing_key: str) -> CloneTerm:
