@@ -85,9 +85,9 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, token_mask: torch.Tensor | None
     """
     if a.shape != b.shape:
         raise ValueError(f"masked_mse needs operands of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    dtype = torch.promote_types(_upcast(a[:0]).dtype, _upcast(b[:0]).dtype)
     if token_mask is None:
         return _SquaredErrorSum.apply(a, b, None, a.numel())
+    dtype = torch.promote_types(_upcast(a[:0]).dtype, _upcast(b[:0]).dtype)
     m = token_mask.reshape(*token_mask.shape, *([1] * (a.dim() - token_mask.dim())))
     count = token_mask.to(torch.int64).sum() * a[0, 0].numel()  # exact, whatever the mask's dtype
     return _SquaredErrorSum.apply(a, b, m, count.clamp_min(1).to(dtype))
@@ -142,7 +142,7 @@ def _chunk_logits(x: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
     """Logits of one chunk of positions, in a fresh tensor the caller may overwrite: a copy of ``x``
     itself, or the hidden states ``x`` through ``head``; half precision is upcast to fp32."""
     if head is None:
-        return x.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype, copy=True)
+        return x.to(_upcast(x[:0]).dtype, copy=True)
     return _upcast(F.linear(x, head))
 
 
@@ -181,7 +181,7 @@ def ce_kl_rows(
     ``CE_i = logsumexp(z_i) - z_i[t_i]`` and ``KL_i = KL(softmax(u_i / tau) || softmax(z_i / tau))``;
     with ``need_grad`` ``z`` then holds the gradient of ``w_ce * CE + w_kl * KL`` sums:
     ``w_ce ce_w (softmax(z) - onehot(t)) + w_kl kl_w (softmax(z / tau) - softmax(u / tau)) / tau``.
-    Rows are taken a cache-sized tile at a time (:func:`_tile_rows`).
+    Rows are taken a tile at a time (:func:`_tile_rows`: cache-sized on a CPU).
     """
     use_ce, use_kl = w_ce != 0, w_kl != 0
     ce = z.new_zeros(())
@@ -234,11 +234,11 @@ class _ChunkedCEKL(torch.autograd.Function):
         g_head = None
         if need_grad and head_s is not None and ctx.needs_input_grad[1]:
             g_head = torch.zeros(head_s.shape, dtype=_upcast(head_s[:0]).dtype, device=head_s.device)
+        # logits given (not half precision): each chunk's gradient is written over a copy of it in g_x
+        in_place = head_s is None and g_x is not None and g_x.dtype == _upcast(g_x[:0]).dtype
         ce = kl = None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            in_place = head_s is None and g_x is not None and g_x.dtype == _upcast(g_x[:0]).dtype
-            # logits given: their gradient is written over a copy of them in g_x itself
             z = g_x[s:e].copy_(x_s[s:e]) if in_place else _chunk_logits(x_s[s:e], head_s)
             u = _chunk_logits(x_t[s:e], head_t).to(z.dtype) if w_kl != 0 else None
             ce_c, kl_c = ce_kl_rows(z, u, targets[s:e], ce_w[s:e], kl_w[s:e], w_ce=w_ce, w_kl=w_kl,
