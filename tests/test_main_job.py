@@ -21,11 +21,11 @@ def test_main_job_few_steps(tmp_path, smollm2_cache):
         cfg = compose("distill", overrides=[
             f"paths.output_dir={out}", f"paths.cache_dir={smollm2_cache}",
             "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-            "summary.max_new_tokens=8",
+            "summary.max_new_tokens=8", "data.batch_size=2",  # half the demo's 4 sequences: half the time
         ])
     # the defaults the README promises: the embedded default job (experiment/demo.yaml)
     assert cfg.teacher.source == "smollm2-135m-instruct" and cfg.student.rank == 432 and cfg.student.init == "pca"
-    assert cfg.data.seq_len == 256 and cfg.data.sources[0].kind == "embedded"
+    assert cfg.data.seq_len == 256 and cfg.data.sources[0].kind == "embedded" and cfg.data.batch_size == 2
     summary = run(cfg)
     assert summary["steps"] == 3
     assert summary["tokens_seen"] == 3 * cfg.data.batch_size * 256 == summary["tokens_per_source"]["embedded"]

@@ -30,6 +30,7 @@ class Fit:
     before: dict[str, float]  # validation before training ({} when not run)
     wall: float  # seconds of this process's fit
     tokens_at_start: int  # module.tokens_seen when the fit began (a resume's count)
+    last: Any  # the LastValidation callback: the fit's most recent validation
 
     def throughput(self, module: Any) -> dict[str, Any]:
         """``run_dir``, ``tokens_seen``, ``steps``, ``wall_time_s`` and ``tokens_per_s`` (this process's fit)."""
@@ -65,10 +66,14 @@ class Fit:
 
     def validation(self, module: Any, datamodule: Any) -> dict[str, Any]:
         """A final validation: ``val_before``, ``val`` and ``val_best`` (over every validation,
-        resumes included), values rounded to 4 digits."""
+        resumes included), values rounded to 4 digits. When the fit's own last validation ran
+        after its last step, ``val`` is that one's metrics (the same weights and batches); otherwise
+        the validation set runs once more."""
         from lrc.cli.distill import best_logged_validation
 
-        final = self.trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        final = self.last.metrics if self.last.step == self.trainer.global_step else None
+        if final is None:
+            final = self.trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         return {
             "val_before": {k.removeprefix("val/"): round(v, 4) for k, v in self.before.items() if k.startswith("val/")},
             "val": {k.removeprefix("val/"): round(float(v), 4) for k, v in final.items() if k.startswith("val/")},
@@ -83,13 +88,14 @@ def train(cfg: DictConfig, module: Any, datamodule: Any, out: Path, ckpt: str | 
     :class:`ConfigError` naming the checkpoint left to resume from."""
     from lrc.cli.distill import build_trainer, checkpoint_note, instantiate_checked
     from lrc.io import atomic_write
-    from lrc.training.callbacks import GracefulShutdown
+    from lrc.training.callbacks import GracefulShutdown, LastValidation
     from lrc.training.curves import CURVES_FILE, CurvesLogger
     from lrc.training.module import NonFiniteError
 
     callbacks = [instantiate_checked(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     curves = CurvesLogger(out / CURVES_FILE, tokens=lambda: module.tokens_seen)  # whatever the logger group
-    trainer = build_trainer(cfg, callbacks, extra_loggers=(curves,))
+    last = LastValidation()
+    trainer = build_trainer(cfg, [*callbacks, last], extra_loggers=(curves,))
     shutdown = next((c for c in callbacks if isinstance(c, GracefulShutdown)), None)
     if ckpt is None and is_rank_zero():  # only now: every check above passed
         with atomic_write(out / "config.yaml", "w") as fh:
@@ -105,4 +111,4 @@ def train(cfg: DictConfig, module: Any, datamodule: Any, out: Path, ckpt: str | 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteError as err:
         raise ConfigError(f"training stopped: {err}; {checkpoint_note(out)}") from None
-    return Fit(trainer, curves, shutdown, out, before, time.perf_counter() - start, tokens_at_start)
+    return Fit(trainer, curves, shutdown, out, before, time.perf_counter() - start, tokens_at_start, last)

@@ -1,4 +1,4 @@
-"""Callbacks: save-and-stop on SIGINT/SIGTERM, and progress in optimizer steps (a Rich bar on a
+"""Callbacks: save-and-stop on SIGINT/SIGTERM, progress in optimizer steps (a Rich bar on a
 terminal, plain lines in a log file)."""
 
 from __future__ import annotations
@@ -57,6 +57,22 @@ class GracefulShutdown(L.Callback):
     @property
     def interrupted(self) -> bool:
         return self.received is not None
+
+
+class LastValidation(L.Callback):
+    """The ``val/*`` metrics of a fit's most recent validation and the optimizer step it ran after
+    (sanity checks and validations outside ``trainer.fit`` are not counted), so the run's final
+    summary need not validate the same weights again (:meth:`lrc.cli.fit.Fit.validation`)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.metrics: dict[str, float] | None = None
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.step = int(trainer.global_step)
+        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 class StepProgressBar(RichProgressBar):
