@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lrc.losses import DEVICE_TILE_BYTES
+from lrc.losses import DEVICE_TILE_BYTES, teacher_activations_read
 from lrc.model.layers import choose_projection_path, projection_path_flops
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -195,24 +195,46 @@ def flops_per_token(
     return out
 
 
+def teacher_target_width(shape: TeacherShape, terms: tuple[str, ...]) -> int:
+    """Elements per token and layer of the teacher activations the clone terms ``terms`` read
+    (:func:`lrc.losses.teacher_activations_read`): what a layer keeps for its backward under
+    ``activation_checkpointing: student``. q is H*h wide, k and v kv_heads*h, gate and up I, the
+    o and down outputs and the normalised inputs (``attn_in`` / ``ffn_in``) D, ``attn`` H*h,
+    ``ffn_hidden`` I."""
+    width = {"q": shape.q_width, "k": shape.kv_width, "v": shape.kv_width, "attn": shape.q_width,
+             "o": shape.hidden, "gate": shape.ffn, "up": shape.ffn, "ffn_hidden": shape.ffn,
+             "down": shape.hidden, "attn_input": shape.hidden, "ffn_input": shape.hidden}
+    return sum(width[k] for k in teacher_activations_read(terms))
+
+
 def activation_bytes_per_token(
-    shape: TeacherShape, student: StudentPlan, compute_bytes: int, checkpointing: bool
+    shape: TeacherShape, student: StudentPlan, compute_bytes: int, checkpointing: str = "off",
+    loss: LossPlan | None = None,
 ) -> float:
     """Approximate bytes of activations kept for the backward, per token of a micro-batch.
 
-    Without checkpointing, each kept layer keeps the student's inputs of its products (two norm
+    ``checkpointing`` "off": each kept layer keeps the student's inputs of its products (two norm
     inputs and outputs of width d, q/k/v, the attention output, gate, up and their product) and the
-    terms' fp32 differences (q, k, v, o in width D, gate, up, down). With per-layer activation
-    checkpointing only each layer's two stream inputs (d and D) stay, plus one layer's activations
-    while it is recomputed.
+    terms' fp32 differences (q, k, v, o in width D, gate, up, down). "full" (per-layer activation
+    checkpointing): only each layer's two stream inputs (d and D) stay, plus one layer's activations
+    while it is recomputed. "student": as "full", plus each layer's teacher activations its clone
+    terms (``loss.terms``, the paper's seven by default, on ``loss.clone_layers`` layers) read,
+    :func:`teacher_target_width`.
     """
     d, big = student.rank, shape.hidden
     inner = shape.q_width + 2 * shape.kv_width
     per_layer = compute_bytes * (4 * d + inner + 2 * shape.q_width + 3 * shape.ffn)
     per_layer += 4 * (inner + big + 2 * shape.ffn + d)
     kept = len(student.kept_layers)
-    if checkpointing:
+    if checkpointing == "full":
         return kept * compute_bytes * (d + big) + per_layer
+    if checkpointing == "student":
+        loss = loss or LossPlan()
+        term_layers = kept if loss.clone_layers is None else loss.clone_layers
+        targets = term_layers * teacher_target_width(shape, loss.terms)
+        return compute_bytes * (kept * (d + big) + targets) + per_layer
+    if checkpointing != "off":
+        raise ValueError(f"checkpointing must be off, full or student, got {checkpointing!r}")
     return kept * per_layer
 
 
@@ -227,8 +249,11 @@ def memory_per_device(
     param_bytes: int = 4,
     compute_bytes: int = 4,
     logit_chunk_size: int | None = None,
+    loss: LossPlan | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Bytes per device by part, ``{"no_checkpointing": {...}, "checkpointing": {...}}``.
+    """Bytes per device by part for each activation-checkpointing setting,
+    ``{"off": {...}, "full": {...}, "student": {...}}`` (:func:`activation_bytes_per_token`;
+    ``loss``: the clone terms, whose teacher targets "student" keeps).
 
     ``strategy``: "single" (one device), "ddp" (everything replicated), "fsdp" (teacher, trainable
     tensors, gradients and Adam state sharded over ``devices``). Adam keeps two states per trainable
@@ -260,13 +285,13 @@ def memory_per_device(
     logits = (rows * shape.vocab * (2 * compute_bytes + upcast) + tile_rows * shape.vocab * 16
               + n * student.rank * compute_bytes)
     out = {}
-    for name, ckpt in (("no_checkpointing", False), ("checkpointing", True)):
+    for mode in ("off", "full", "student"):
         parts = dict(base)
-        parts["merged_weights"] = merged_layer * (1 if ckpt else len(student.kept_layers)) + head
-        parts["activations"] = n * activation_bytes_per_token(shape, student, compute_bytes, ckpt)
+        parts["merged_weights"] = merged_layer * (len(student.kept_layers) if mode == "off" else 1) + head
+        parts["activations"] = n * activation_bytes_per_token(shape, student, compute_bytes, mode, loss)
         parts["logits"] = float(logits)
         parts["total"] = sum(parts.values())
-        out[name] = parts
+        out[mode] = parts
     return out
 
 

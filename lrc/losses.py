@@ -421,12 +421,19 @@ CloneTerm = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Te
 class _RegisteredTerm:
     fn: CloneTerm
     default_weight: float
+    reads: frozenset[str] | None = None  # the teacher activations fn reads (None: any of them)
 
 
 _TERM_REGISTRY: dict[str, _RegisteredTerm] = {}
 
 
-def register_clone_term(name: str, *, default_weight: float = 0.0) -> Callable[[CloneTerm], CloneTerm]:
+#: the activations :func:`lrc.model.functional.decoder_layer` returns for each stream
+ACTIVATION_KEYS = ("q", "k", "v", "attn", "o", "gate", "up", "ffn_hidden", "down", "attn_input", "ffn_input")
+
+
+def register_clone_term(
+    name: str, *, default_weight: float = 0.0, reads: Sequence[str] | None = None
+) -> Callable[[CloneTerm], CloneTerm]:
     """Decorator: make ``fn(student, teacher, ctx) -> scalar`` the clone term ``name``.
 
     ``student`` / ``teacher`` are one layer's activations (keys q, k, v, attn, o, gate, up,
@@ -435,15 +442,35 @@ def register_clone_term(name: str, *, default_weight: float = 0.0) -> Callable[[
     :class:`TermContext`.  Return an unweighted scalar (use
     :func:`masked_mse` with ``ctx.token_mask``).  ``default_weight`` is the weight when
     ``LossConfig.term_weights`` does not name the term: 0 (off) unless given, 1 for the paper's seven.
+    ``reads``: the keys of ``teacher`` the term reads (``None``: possibly any). Only those are kept
+    for the backward when the student stream alone is recomputed (``activation_checkpointing:
+    student``, :func:`teacher_activations_read`), so a term that reads another key fails there
+    with a ``KeyError``.
     """
+    keys = None if reads is None else frozenset(reads)
+    if keys is not None and not keys <= set(ACTIVATION_KEYS):
+        raise ValueError(f"clone term {name!r} reads unknown activations {sorted(keys - set(ACTIVATION_KEYS))}; "
+                         f"a layer has {list(ACTIVATION_KEYS)}")
 
     def deco(fn: CloneTerm) -> CloneTerm:
         if not float(default_weight) >= 0:
             raise ValueError(f"default_weight of clone term {name!r} must be >= 0, got {default_weight!r}")
-        _TERM_REGISTRY[name] = _RegisteredTerm(fn, float(default_weight))
+        _TERM_REGISTRY[name] = _RegisteredTerm(fn, float(default_weight), keys)
         return fn
 
     return deco
+
+
+def teacher_activations_read(terms: Sequence[str]) -> tuple[str, ...]:
+    """The teacher activations the clone terms ``terms`` read (their registered ``reads``; every
+    key of :data:`ACTIVATION_KEYS` if one of them did not declare its reads), in that order."""
+    wanted: set[str] = set()
+    for name in terms:
+        reads = _TERM_REGISTRY[name].reads
+        if reads is None:
+            return ACTIVATION_KEYS
+        wanted |= reads
+    return tuple(k for k in ACTIVATION_KEYS if k in wanted)
 
 
 def clone_term_names() -> list[str]:
@@ -474,7 +501,7 @@ def _aligned_output_mse(name: str, student, teacher, ctx: TermContext) -> torch.
 
 
 for _name in ("q", "k", "v"):
-    register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
+    register_clone_term(_name, default_weight=1.0, reads=[_name])(_direct_term(_name))
 
 
 def _output_mse(name: str, hidden: str, weight: str, bias: str, teacher_space: bool, detach: bool,
@@ -493,7 +520,7 @@ def _output_mse(name: str, hidden: str, weight: str, bias: str, teacher_space: b
     return masked_mse(student[name], t, ctx.token_mask)
 
 
-@register_clone_term("o", default_weight=1.0)
+@register_clone_term("o", default_weight=1.0, reads=["o"])
 def attention_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
     """o: teacher space (student heads through the teacher's o_proj vs teacher o_attn, width D)
     or student space (student o_attn vs teacher o_attn @ Po, width d); with learned alignment, A_o
@@ -504,10 +531,10 @@ def attention_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
 
 
 for _name in ("gate", "up"):
-    register_clone_term(_name, default_weight=1.0)(_direct_term(_name))
+    register_clone_term(_name, default_weight=1.0, reads=[_name])(_direct_term(_name))
 
 
-@register_clone_term("down", default_weight=1.0)
+@register_clone_term("down", default_weight=1.0, reads=["down"])
 def ffn_output_term(student, teacher, ctx: TermContext) -> torch.Tensor:
     """down: student o_ffn (width d) vs teacher o_ffn @ Pdown, or (``ffn_out_space="teacher"``)
     the student's FFN hidden activations through the teacher's down_proj vs teacher o_ffn (width
@@ -535,8 +562,10 @@ def _shared_input_term(name: str, block: str, projection: str, sharing_key: str)
     return term
 
 
-register_clone_term("attn_in", default_weight=1.0)(_shared_input_term("attn_in", "attn", "qkv", "student.attn_sharing"))
-register_clone_term("ffn_in", default_weight=1.0)(_shared_input_term("ffn_in", "ffn", "gate_up", "student.ffn_sharing"))
+register_clone_term("attn_in", default_weight=1.0, reads=["attn_input"])(
+    _shared_input_term("attn_in", "attn", "qkv", "student.attn_sharing"))
+register_clone_term("ffn_in", default_weight=1.0, reads=["ffn_input"])(
+    _shared_input_term("ffn_in", "ffn", "gate_up", "student.ffn_sharing"))
 
 
 def layer_clone_terms(

@@ -89,13 +89,43 @@ def test_flops_follow_the_projection_path_and_terms():
 
 def test_memory_sharding():
     student = StudentPlan(rank=2, kept_layers=(0,))
-    one = memory_per_device(TINY, student, tokens_per_forward=6)["no_checkpointing"]
-    ddp = memory_per_device(TINY, student, tokens_per_forward=6, strategy="ddp", devices=4)["no_checkpointing"]
-    fsdp = memory_per_device(TINY, student, tokens_per_forward=6, strategy="fsdp", devices=4)["no_checkpointing"]
+    one = memory_per_device(TINY, student, tokens_per_forward=6)["off"]
+    ddp = memory_per_device(TINY, student, tokens_per_forward=6, strategy="ddp", devices=4)["off"]
+    fsdp = memory_per_device(TINY, student, tokens_per_forward=6, strategy="fsdp", devices=4)["off"]
     counts = parameter_counts(TINY, student)
     assert one["teacher"] == ddp["teacher"] == counts["frozen"] * 4 == 4 * fsdp["teacher"]
     assert one["adam_state"] == 2 * counts["trainable"] * 4 == 4 * fsdp["adam_state"]
     assert one["activations"] == ddp["activations"] == fsdp["activations"]
+
+
+@pytest.mark.parametrize("terms", [("q", "k", "v", "o", "gate", "up", "down"), ("attn_in", "ffn_in", "down"),
+                                   ("v", "o")])
+def test_student_checkpointing_keeps_the_widths_of_the_real_teacher_targets(terms):
+    """The estimator's target widths against the widths of the activations a real teacher layer
+    gives its clone terms."""
+    import torch
+
+    from lrc.estimate import teacher_target_width
+    from lrc.losses import teacher_activations_read
+    from lrc.model.functional import decoder_layer
+
+    clone = make_clone("qwen2", rank=8)
+    shape = TeacherShape.from_config(clone.teacher_config)
+    layer = clone.layers[0]
+    x = torch.randn(1, 5, shape.hidden)
+    cos, sin = clone.rotary(x, torch.arange(5)[None])
+    _, acts = decoder_layer(x, layer.teacher, layer.shape, cos, sin, None, layer.teacher_eps)
+    read = teacher_activations_read(terms)
+    assert teacher_target_width(shape, terms) == sum(acts[k].shape[-1] for k in read)
+    # kept per token on top of "full": the targets of every layer that carries terms, in the compute dtype
+    student = StudentPlan(rank=8, kept_layers=tuple(range(shape.layers)))
+    for clone_layers in (None, 1):
+        mem = memory_per_device(shape, student, tokens_per_forward=6, compute_bytes=2,
+                                loss=LossPlan(terms=terms, clone_layers=clone_layers))
+        layers = shape.layers if clone_layers is None else clone_layers
+        assert mem["student"]["activations"] - mem["full"]["activations"] == 6 * 2 * layers * sum(
+            acts[k].shape[-1] for k in read)
+        assert mem["full"]["total"] < mem["student"]["total"]
 
 
 def test_cli_counts_from_the_config(capsys):
@@ -112,6 +142,16 @@ def test_cli_fsdp_and_bad_input(capsys):
     assert main(["teacher=tiny_llama", "student.rank=16", "trainer=ddp", "trainer.accelerator=cpu",
                  "trainer.devices=4"]) == 0
     assert "ddp on 4 device(s)" in capsys.readouterr().out
+    assert main(["teacher=tiny_llama", "student.rank=16", "trainer=fsdp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", "trainer.strategy.activation_checkpointing=student"]) == 0
+    printed = capsys.readouterr().out
+    assert "fsdp on 2 device(s)" in printed
+    assert [line.split(" with ")[1].split(":")[0] for line in printed.splitlines() if "GiB with" in line] == [
+        "activation_checkpointing=off", "activation_checkpointing=full",
+        "activation_checkpointing=student (configured)"]
+    assert main(["teacher=tiny_llama", "student.rank=16", "trainer=fsdp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", "trainer.strategy.activation_checkpointing=teacher"]) == 2
+    assert "activation_checkpointing must be" in capsys.readouterr().err
     assert main(["teacher=tiny_llama", "student.rank=1000"]) == 2
     assert "CloneConfig.rank" in capsys.readouterr().err
     assert main(["method=kd"]) == 2

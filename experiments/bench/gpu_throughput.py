@@ -3,12 +3,14 @@ D 3072, 24/8 heads, FFN 8192, vocab 128256, tied), rank 1536 (the LRC-1.5B shape
 sequences, bf16 compute with fp32 master projections, SDPA attention, fused Adam.
 
     python experiments/bench/gpu_throughput.py                          # the full grid, ~5 minutes
-    python experiments/bench/gpu_throughput.py --micro-batches 8 --paths auto --checkpointing on
+    python experiments/bench/gpu_throughput.py --micro-batches 8 --paths auto --checkpointing student
     python experiments/bench/gpu_throughput.py --device cpu --layers 1 --seq-len 64 --micro-batches 1  # smoke
 
 For each projection path x activation checkpointing x micro-batch: tokens/s, TFLOP/s and MFU (FLOPs
 per token as lrc-estimate counts them; recomputation under checkpointing is not counted, as usual for
-MFU) and peak memory. ``--memory-cap-gib 80`` caps the process at 80 GiB
+MFU) and peak memory. Checkpointing (``lrc.model.checkpointing``): "off", "full" (each clone layer
+recomputed whole in backward, teacher included) or "student" (the teacher layer runs once and keeps
+its clone-term targets; only the student stream is recomputed). ``--memory-cap-gib 80`` caps the process at 80 GiB
 (``torch.cuda.set_per_process_memory_fraction``), so on a bigger card the grid shows what fits on an
 80 GB H100; a setting that does not fit prints "out of memory" and the grid goes on. The measured
 bf16 matrix-product rate (8192^3) is printed beside the datasheet peak, as the ceiling MFU is read
@@ -28,6 +30,7 @@ import torch
 from lrc.estimate import LossPlan, StudentPlan, TeacherShape, flops_per_token
 from lrc.losses import LossConfig, LRCLoss
 from lrc.model import CloneConfig, LowRankClone
+from lrc.model.checkpointing import CHECKPOINTING_MODES, apply_activation_checkpointing
 from lrc.training.callbacks import peak_tflops_for
 from lrc.training.distributed import sharding_units
 
@@ -74,8 +77,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[2, 4, 8, 12, 16])
     ap.add_argument("--paths", nargs="+", default=["materialise", "factored"], choices=["auto", "materialise", "factored"])
-    ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
-                    help="activation checkpointing of every clone decoder layer")
+    ap.add_argument("--checkpointing", nargs="+", default=["off", "full", "student"], choices=list(CHECKPOINTING_MODES),
+                    help="activation checkpointing of every clone decoder layer (lrc.model.checkpointing)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up)")
     ap.add_argument("--logit-chunk-size", type=int, default=1024)
     ap.add_argument("--memory-cap-gib", type=float, default=None, help="cap this process's GPU memory (e.g. 80)")
@@ -100,24 +103,20 @@ def main() -> None:
               "layers": args.layers, "rank": args.rank, "seq_len": args.seq_len,
               "memory_cap_gib": args.memory_cap_gib, "logit_chunk_size": args.logit_chunk_size}
     print(json.dumps(header))
-    print(f"{'micro-batch':>11} {'path':>11} {'ckpt':>4} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+    print(f"{'micro-batch':>11} {'path':>11} {'ckpt':>7} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'peak GiB':>9} {'loss':>8}", flush=True)
     rows = []
     for path in args.paths:
         for ckpt in args.checkpointing:
             clone = LowRankClone.from_teacher(teacher, CloneConfig(rank=args.rank, param_dtype="float32",
                                                                    projection_path=path))
-            if ckpt == "on":
-                from torch.distributed._composable.checkpoint_activation import checkpoint
-
-                for unit in sharding_units(clone):
-                    checkpoint(unit)
+            apply_activation_checkpointing(sharding_units(clone), ckpt)
             opt = torch.optim.Adam([p for _, p in clone.named_trainable()], lr=1e-4, fused=dev == "cuda")
             for mb in args.micro_batches:
                 row = {"micro_batch": mb, "path": path, "checkpointing": ckpt}
                 if time.perf_counter() - t0 > args.budget_s:
                     row["status"] = "skipped (budget)"
-                    print(f"{mb:>11} {path:>11} {ckpt:>4} skipped: --budget-s reached", flush=True)
+                    print(f"{mb:>11} {path:>11} {ckpt:>7} skipped: --budget-s reached", flush=True)
                     rows.append(row)
                     continue
                 ids = torch.randint(0, shape.vocab, (mb, args.seq_len), device=dev)
@@ -151,7 +150,7 @@ def main() -> None:
                     gc.collect()
                     torch.cuda.empty_cache()
                     row["status"] = "out of memory"
-                    print(f"{mb:>11} {path:>11} {ckpt:>4} out of memory", flush=True)
+                    print(f"{mb:>11} {path:>11} {ckpt:>7} out of memory", flush=True)
                     rows.append(row)
                     continue
                 tps = mb * args.seq_len * args.steps / seconds
@@ -163,7 +162,7 @@ def main() -> None:
                            mfu=None if not peak else round(tflops / peak, 4), peak_gib=round(gib, 1),
                            last_loss=round(float(losses[-1]), 4), seconds_per_step=round(seconds / args.steps, 3))
                 mfu = f"{tflops / peak:.1%}" if peak else "-"
-                print(f"{mb:>11} {path:>11} {ckpt:>4} {tps:>10,.0f} {tflops:>8.1f} {mfu:>6} {gib:>9.1f} "
+                print(f"{mb:>11} {path:>11} {ckpt:>7} {tps:>10,.0f} {tflops:>8.1f} {mfu:>6} {gib:>9.1f} "
                       f"{row['last_loss']:>8.3f}", flush=True)
                 rows.append(row)
             del clone, opt

@@ -6,7 +6,8 @@
 
 Prints parameters (frozen, trainable, deployed), the strategy and precision, the micro-batch, FLOPs
 per token (teacher forward, student forward and backward, weight products, clone terms) and memory
-per device, with and without per-layer activation checkpointing. Everything is counted from the
+per device for each ``trainer.strategy.activation_checkpointing`` setting (off, full, student; the
+configured one is marked). Everything is counted from the
 teacher's config (:func:`lrc.teachers.teacher_config`): no weight is loaded or downloaded (a hub
 teacher needs its ``config.json``).
 """
@@ -62,6 +63,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     )
     from lrc.losses import LossConfig, LRCLoss
     from lrc.model import CloneConfig
+    from lrc.model.checkpointing import checkpointing_mode
     from lrc.model.init import init_requires_untied_head
     from lrc.teachers import teacher_config
     from lrc.training.module import DEFAULT_METHOD
@@ -95,6 +97,10 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     strategy, devices, note = strategy_of(cfg.trainer)
     precision = str(cfg.trainer.get("precision", "32-true"))
     sizes = precision_bytes(precision, cfg.teacher.get("dtype", "float32"), student.param_dtype)
+    try:
+        checkpointing = checkpointing_mode(OmegaConf.select(cfg, "trainer.strategy.activation_checkpointing"))
+    except ValueError as err:
+        raise ConfigError(f"trainer.strategy.{err}") from None
     return {
         "teacher": cfg.teacher.source,
         "shape": shape,
@@ -113,8 +119,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "memory": memory_per_device(
             shape, plan, tokens_per_forward=tokens, strategy=strategy, devices=devices,
             teacher_bytes=sizes["teacher"], param_bytes=sizes["param"], compute_bytes=sizes["compute"],
-            logit_chunk_size=loss_cfg.logit_chunk_size,
+            logit_chunk_size=loss_cfg.logit_chunk_size, loss=loss_plan,
         ),
+        "checkpointing": checkpointing,
         "logit_chunk_size": loss_cfg.logit_chunk_size,
     }
 
@@ -136,10 +143,11 @@ def format_estimate(e: dict[str, Any]) -> str:
             f["total"], f["teacher_forward"], f["student_forward"], f["student_backward"], f["weight_products"],
             f["clone_terms"], f["unavoidable"], f["total"] / f["unavoidable"]),
     ]
-    for name, parts in e["memory"].items():
-        label = "memory/dev   " if name == "no_checkpointing" else "  with ckpt  "
+    for i, (mode, parts) in enumerate(e["memory"].items()):
+        label = "memory/dev" if i == 0 else ""
+        chosen = " (configured)" if mode == e["checkpointing"] else ""
         shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if k != "total")
-        lines.append(f"{label}{parts['total'] / GIB:.2f} GiB ({name.replace('_', ' ')}: {shown})")
+        lines.append(f"{label:<13}{parts['total'] / GIB:.2f} GiB with activation_checkpointing={mode}{chosen}: {shown}")
     if not e["logit_chunk_size"]:
         lines.append("             logits unchunked: loss.logit_chunk_size=1024 keeps one chunk of them")
     if e["note"]:

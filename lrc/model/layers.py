@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrc.losses import TermRequest, layer_clone_terms
+from lrc.losses import TermRequest, layer_clone_terms, teacher_activations_read
 from lrc.model.functional import AttentionShape, Factored, Lift, decoder_layer, rms_norm
 from lrc.model.init import InitContext, ProjectionInit
 
@@ -122,6 +122,10 @@ class CloneDecoderLayer(nn.Module):
         if projection_path not in PROJECTION_PATHS:
             raise ValueError(f"projection_path must be one of {PROJECTION_PATHS}, got {projection_path!r}")
         self.projection_path = projection_path
+        #: recompute the student stream (and its clone terms) in backward instead of keeping its
+        #: activations; the teacher stream runs once and keeps only what the terms read
+        #: (``activation_checkpointing: student``, :mod:`lrc.model.checkpointing`)
+        self.recompute_student = False
         self.index = index
         self.shape = shape
         self.teacher_eps = teacher_eps
@@ -286,6 +290,30 @@ class CloneDecoderLayer(nn.Module):
             x_t, acts_t = decoder_layer(x_t, self.teacher, self.shape, cos, sin, mask, self.teacher_eps)
         if not self.is_student:
             return x_s, x_t, {}
+        wanted = teacher_activations_read(request.terms) if request.wants(self.index) else ()
+        targets = {k: acts_t[k] for k in wanted}
+        del acts_t  # what no term reads is freed now
+        if self.recompute_student and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            x_s, terms = checkpoint(self._student_forward, x_s, targets, cos, sin, mask, request, token_mask,
+                                    use_reentrant=False)
+        else:
+            x_s, terms = self._student_forward(x_s, targets, cos, sin, mask, request, token_mask)
+        return x_s, x_t, terms
+
+    def _student_forward(
+        self,
+        x_s: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        request: TermRequest,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student stream through this layer and its clone terms against the teacher's
+        activations ``targets`` (the ones the terms read)."""
         backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.proj.values())
         weights = self.forward_weights(x_s.shape[0] * x_s.shape[1], backward)
         x_s, acts_s = decoder_layer(x_s, weights, self.shape, cos, sin, mask, self.student_eps)
@@ -293,7 +321,7 @@ class CloneDecoderLayer(nn.Module):
         if request.wants(self.index):
             terms = layer_clone_terms(
                 acts_s,
-                acts_t,
+                targets,
                 request,
                 teacher_weights=self.teacher,
                 projections=_ComputeView(self.proj, self.compute),
@@ -301,7 +329,7 @@ class CloneDecoderLayer(nn.Module):
                 layer=self.index,
                 alignments=_ComputeView(self.align, self.compute),
             )
-        return x_s, x_t, terms
+        return x_s, terms
 
 
 @dataclass

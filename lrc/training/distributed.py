@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lrc.model.checkpointing import apply_activation_checkpointing, checkpointing_mode
+
 #: ``trainer.strategy.param_dtype`` / ``reduce_dtype`` names
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Lightning precisions that cast the master tensors themselves (refused with FSDP2)
@@ -64,8 +66,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         param_dtype: dtype of the gathered parameters in forward and backward (the compute dtype).
         reduce_dtype: dtype gradients are reduced in across processes.
-        activation_checkpointing: recompute each layer's activations in backward instead of
-            keeping them (less memory, about one more forward of compute).
+        activation_checkpointing: ``false``/"off", ``true``/"full" or "student"
+            (:func:`apply_activation_checkpointing`): recompute each layer's activations in backward
+            instead of keeping them; "full" costs about one more forward of both models, "student"
+            one more student forward and keeps the teacher's clone-term targets.
         reshard_after_forward: free each layer's gathered parameters after its forward and gather
             them again in backward (ZeRO-3); ``False`` keeps them until backward (ZeRO-2-like).
             The root unit (embeddings, final norms, heads) is always kept until its backward.
@@ -76,13 +80,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         param_dtype: str = "bfloat16",
         reduce_dtype: str = "float32",
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str = False,
         reshard_after_forward: bool = True,
         process_group_backend: str | None = None,
     ) -> None:
         self.param_dtype = _dtype("param_dtype", param_dtype)
         self.reduce_dtype = _dtype("reduce_dtype", reduce_dtype)
-        self.activation_checkpointing = bool(activation_checkpointing)
+        self.activation_checkpointing = checkpointing_mode(activation_checkpointing)
         self.reshard_after_forward = bool(reshard_after_forward)
         super().__init__(process_group_backend=process_group_backend, save_distributed_checkpoint=True)
 
@@ -105,8 +109,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     # ------------------------------------------------------------------------- sharding
     def parallelize(self, module: Any) -> None:
         """Shard ``module.model`` (a built :class:`DistillModule`'s model): optional activation
-        checkpointing of every unit, ``fully_shard`` of every :func:`sharding_units` entry, then of
-        the model itself. Idempotent (Lightning calls ``configure_model`` for every fit / validate)."""
+        checkpointing of every unit (:func:`apply_activation_checkpointing`), ``fully_shard`` of every
+        :func:`sharding_units` entry, then of the model itself. Idempotent (Lightning calls ``configure_model`` for every fit / validate)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model = module.model
@@ -115,11 +119,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         units = sharding_units(model)
+        apply_activation_checkpointing(units, self.activation_checkpointing)
         for unit in units:
-            if self.activation_checkpointing:
-                from torch.distributed._composable.checkpoint_activation import checkpoint
-
-                checkpoint(unit)
             # the last unit's parameters are needed again at once by the root's backward: keep them
             fully_shard(unit, mesh=mesh, mp_policy=policy,
                         reshard_after_forward=self.reshard_after_forward and unit is not units[-1])
