@@ -442,10 +442,10 @@ def register_clone_term(
     :class:`TermContext`.  Return an unweighted scalar (use
     :func:`masked_mse` with ``ctx.token_mask``).  ``default_weight`` is the weight when
     ``LossConfig.term_weights`` does not name the term: 0 (off) unless given, 1 for the paper's seven.
-    ``reads``: the keys of ``teacher`` the term reads (``None``: possibly any). Only those are kept
-    for the backward when the student stream alone is recomputed (``activation_checkpointing:
-    student``, :func:`teacher_activations_read`), so a term that reads another key fails there
-    with a ``KeyError``.
+    ``reads``: the keys of ``teacher`` the term reads (``None``: possibly any). A clone layer hands
+    its terms only the teacher activations some requested term reads (:func:`teacher_activations_read`),
+    and frees the rest at once; under ``activation_checkpointing: student`` those are what it keeps
+    for the backward. A term that reads an undeclared key fails with a ``KeyError``.
     """
     keys = None if reads is None else frozenset(reads)
     if keys is not None and not keys <= set(ACTIVATION_KEYS):

@@ -135,6 +135,26 @@ def test_pca_starts_with_a_better_held_out_ce_than_normal():
 
 
 # ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_in_one_teacher_pass_equals_two(arch):
+    """Keeping the norm inputs of the basis's pass for the gains gives the two-pass numbers exactly,
+    running the teacher over the calibration ids once instead of twice."""
+    from lrc.model.pca import pca_calibration
+
+    teacher = tiny_teacher(arch)
+    ids = random_ids(teacher.config.vocab_size, batch=5, length=12)
+    passes = []
+    hook = teacher.model.register_forward_pre_hook(lambda m, a, kw: passes.append(1), with_kwargs=True)
+    chunks = -(-ids.shape[0] // 8)  # the calibration's batch_size of 8 sequences
+    one = pca_calibration(teacher, ids, rank=6, student_eps=1e-5)
+    assert len(passes) == chunks
+    two = pca_calibration(teacher, ids, rank=6, student_eps=1e-5, keep_bytes=0)
+    assert len(passes) == 3 * chunks
+    hook.remove()
+    assert torch.equal(one.data["basis"], two.data["basis"])
+    assert one.gains == two.gains and len(one.gains) == 2 * teacher.config.num_hidden_layers + 1
+
+
 def test_pca_needs_calibration_ids_and_an_untied_head():
     teacher = tiny_teacher("llama")
     with pytest.raises(ValueError, match=r"init='pca' needs calibration data: pass calibration_ids="):

@@ -53,13 +53,16 @@ def _check_ids(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return ids.to(device=teacher.get_input_embeddings().weight.device, dtype=torch.long)
 
 
+_FINAL = "final_norm"  # the final norm's site name (the student's final gain)
+
+
 def _norm_sites(teacher: nn.Module, final: bool) -> Iterator[tuple[str, nn.Module]]:
     """The teacher's RMSNorm modules under the names of the student gains they correspond to."""
     for i, layer in enumerate(teacher.model.layers):
         yield f"layers.{i}.attn_norm", layer.input_layernorm
         yield f"layers.{i}.mlp_norm", layer.post_attention_layernorm
     if final:
-        yield "final_norm", teacher.model.norm
+        yield _FINAL, teacher.model.norm
 
 
 @torch.no_grad()
@@ -87,20 +90,29 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sqrt(x.pow(2).mean(-1) + eps)
 
 
-def residual_second_moment(teacher: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> tuple[torch.Tensor, int]:
+def residual_second_moment(
+    teacher: nn.Module, ids: torch.Tensor, *, batch_size: int = 8,
+    keep: list[tuple[str, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, int]:
     """``(sum of n n^T, count)`` in fp64 over every token of ``ids`` and every attention- and
-    FFN-norm input ``x`` of the teacher, ``n = x / rms_D(x)`` (normalised without gain)."""
+    FFN-norm input ``x`` of the teacher, ``n = x / rms_D(x)`` (normalised without gain). With
+    ``keep`` (a list), every norm input of the pass, the final norm's included, is appended to it
+    as ``(site, x)`` in the order :func:`rms_ratios` would visit them."""
     ids = _check_ids(teacher, ids)
     eps = float(teacher.config.rms_norm_eps)
     d_model = teacher.config.hidden_size
     acc = {"m": torch.zeros(d_model, d_model, dtype=torch.float64, device=ids.device), "count": 0}
 
-    def visit(_site: str, x: torch.Tensor) -> None:
+    def visit(site: str, x: torch.Tensor) -> None:
+        if keep is not None:
+            keep.append((site, x))
+        if site == _FINAL:
+            return
         n = x / _rms(x, eps)[:, None]
         acc["m"] += (n.t() @ n).double()
         acc["count"] += n.shape[0]
 
-    _visit_norm_inputs(teacher, ids, False, visit, batch_size)
+    _visit_norm_inputs(teacher, ids, keep is not None, visit, batch_size)
     return acc["m"], acc["count"]
 
 
@@ -114,22 +126,33 @@ def top_eigenvectors(m: torch.Tensor, rank: int) -> torch.Tensor:
     return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def pca_basis(teacher: nn.Module, ids: torch.Tensor, rank: int, *, batch_size: int = 8) -> torch.Tensor:
-    """``Q`` (D x rank, fp32, orthonormal columns): the top-``rank`` eigenvectors of the second
-    moment of the teacher's RMS-normalised residual stream at every layer's attention- and
-    FFN-norm input, over the calibration token ids ``ids`` (sequences x tokens)."""
+def _check_rank(teacher: nn.Module, rank: int) -> None:
     d_model = teacher.config.hidden_size
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= d_model:
         raise ValueError(f"rank must be an integer in [1, {d_model}], got {rank!r}")
-    m, _ = residual_second_moment(teacher, ids, batch_size=batch_size)
+
+
+def pca_basis(
+    teacher: nn.Module, ids: torch.Tensor, rank: int, *, batch_size: int = 8,
+    keep: list[tuple[str, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """``Q`` (D x rank, fp32, orthonormal columns): the top-``rank`` eigenvectors of the second
+    moment of the teacher's RMS-normalised residual stream at every layer's attention- and
+    FFN-norm input, over the calibration token ids ``ids`` (sequences x tokens). ``keep``: see
+    :func:`residual_second_moment`."""
+    _check_rank(teacher, rank)
+    m, _ = residual_second_moment(teacher, ids, batch_size=batch_size, keep=keep)
     return top_eigenvectors(m, rank).float()
 
 
 def rms_ratios(
-    teacher: nn.Module, ids: torch.Tensor, basis: torch.Tensor, student_eps: float, *, batch_size: int = 8
+    teacher: nn.Module, ids: torch.Tensor, basis: torch.Tensor, student_eps: float, *, batch_size: int = 8,
+    kept: list[tuple[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Per RMSNorm of the teacher (named like the student's gains), the mean over the tokens of
-    ``ids`` of ``rms_d(x Q) / rms_D(x)``: the least-squares student gain (see the module doc)."""
+    ``ids`` of ``rms_d(x Q) / rms_D(x)``: the least-squares student gain (see the module doc).
+    ``kept``: the norm inputs of ``ids`` kept by an earlier pass (:func:`residual_second_moment`),
+    read instead of running the teacher again (the same numbers)."""
     ids = _check_ids(teacher, ids)
     eps = float(teacher.config.rms_norm_eps)
     q = basis.to(device=ids.device, dtype=torch.float32)
@@ -141,14 +164,33 @@ def rms_ratios(
         s[0] += ratio.double().sum().item()
         s[1] += ratio.numel()
 
-    _visit_norm_inputs(teacher, ids, True, visit, batch_size)
+    if kept is None:
+        _visit_norm_inputs(teacher, ids, True, visit, batch_size)
+    else:
+        for site, x in kept:
+            visit(site, x)
     return {site: total / count for site, (total, count) in sums.items()}
 
 
-def pca_calibration(teacher: nn.Module, ids: torch.Tensor, *, rank: int, student_eps: float) -> Calibration:
-    """The calibration of ``init: pca``: the basis (``data["basis"]``) and the student gains."""
-    basis = pca_basis(teacher, ids, rank)
-    return Calibration(data={"basis": basis}, gains=rms_ratios(teacher, ids, basis, student_eps))
+#: :func:`pca_calibration` keeps the teacher's norm inputs from the basis's pass for the gains (one
+#: teacher pass over the calibration ids instead of two) when they take at most this many bytes
+KEEP_NORM_INPUTS_BYTES = 2**30
+
+
+def pca_calibration(
+    teacher: nn.Module, ids: torch.Tensor, *, rank: int, student_eps: float,
+    keep_bytes: int = KEEP_NORM_INPUTS_BYTES,
+) -> Calibration:
+    """The calibration of ``init: pca``: the basis (``data["basis"]``) and the student gains, from
+    one teacher pass over ``ids`` when its norm inputs (fp32, every token at every norm) fit in
+    ``keep_bytes``, else from two."""
+    _check_rank(teacher, rank)
+    ids = _check_ids(teacher, ids)
+    sites = 2 * len(teacher.model.layers) + 1
+    fits = ids.numel() * sites * teacher.config.hidden_size * 4 <= keep_bytes
+    kept: list[tuple[str, torch.Tensor]] | None = [] if fits else None
+    basis = pca_basis(teacher, ids, rank, keep=kept)
+    return Calibration(data={"basis": basis}, gains=rms_ratios(teacher, ids, basis, student_eps, kept=kept))
 
 
 @register_projection_init("pca", calibrate=pca_calibration, untied_head=True)
