@@ -144,3 +144,23 @@ def stale_temps(target: str | Path) -> list[Path]:
     """Leftovers of :func:`atomic_write` calls for ``target`` that never finished (a killed process)."""
     target = Path(target)
     return sorted(target.parent.glob(f".{target.name}.tmp-*"))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive inter-process lock on the file ``path`` (POSIX ``flock``; no-op elsewhere, where
+    the atomic renames alone keep a cache whole): a second process building the same cache entry
+    waits, then finds it built."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

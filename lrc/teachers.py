@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -27,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lrc.io import atomic_directory
+from lrc.io import atomic_directory, file_lock
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -295,23 +294,6 @@ def _cache_is_valid(out_dir: Path, gguf_path: Path) -> bool:
     return meta.get("source_mtime") == now["source_mtime"] or meta.get("source_sha256") == _sha256(gguf_path)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (POSIX ``flock``; no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: rely on the atomic rename only
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _lrc_version() -> str:
     try:
         from importlib.metadata import version
@@ -339,7 +321,7 @@ def convert_gguf_teacher(gguf_path: str | Path, out_dir: str | Path, *, overwrit
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if not overwrite and _cache_is_valid(out_dir, gguf_path):
             return out_dir
         start = time.perf_counter()

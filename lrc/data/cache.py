@@ -5,7 +5,8 @@ arrays under ``<cache_dir>/packed/<name>-<fingerprint>/`` (fingerprint of the to
 source definition and its files, ``seq_len``, the validation settings and the bos token that
 starts every document when ``add_bos`` calls for one). Arrays are written atomically
 (:func:`lrc.io.atomic_write`) and ``meta.json`` last, which marks the entry complete; later
-runs memory-map them.
+runs memory-map them. Concurrent builds of one entry take turns under a file lock
+(``<cache_dir>/.locks/``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from lrc.data.corpus import default_cache_dir
 from lrc.data.packing import PackedStream, pack_documents, token_dtype, tokenize_documents
 from lrc.data.sources import LOCAL_KINDS, SourceConfig, chatterbot_files, iter_documents, resolve_files
-from lrc.io import atomic_write
+from lrc.io import atomic_write, file_lock
 
 __all__ = ["PackedSource", "build_packed_source", "dedicated_val_split", "tokenized_docs", "tokenizer_fingerprint"]
 
@@ -163,66 +164,68 @@ def build_packed_source(
     val_spec = {"fraction": val_fraction, "tokens": val_tokens}
     fp = _source_fingerprint(src, tok_fp, seq_len, val_spec, cache_root, bos_id)
     directory = cache_root / "packed" / f"{src.name}-{fp}"
-    meta_path = directory / "meta.json"
-    names = ("train_tokens", "train_doc_starts", "val_tokens", "val_doc_starts")
-    if meta_path.is_file() and all((directory / f"{n}.npy").is_file() for n in names):
-        arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in names}
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return PackedSource(
-            src.name,
-            PackedStream(arrays["train_tokens"], np.asarray(arrays["train_doc_starts"]), seq_len),
-            PackedStream(arrays["val_tokens"], np.asarray(arrays["val_doc_starts"]), seq_len),
-            meta,
-        )
+    # one builder per entry: a concurrent job sharing the cache waits, then reads what it wrote
+    with file_lock(cache_root / ".locks" / f"packed-{directory.name}.lock"):
+        meta_path = directory / "meta.json"
+        names = ("train_tokens", "train_doc_starts", "val_tokens", "val_doc_starts")
+        if meta_path.is_file() and all((directory / f"{n}.npy").is_file() for n in names):
+            arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in names}
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return PackedSource(
+                src.name,
+                PackedStream(arrays["train_tokens"], np.asarray(arrays["train_doc_starts"]), seq_len),
+                PackedStream(arrays["val_tokens"], np.asarray(arrays["val_doc_starts"]), seq_len),
+                meta,
+            )
 
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
-    dtype = token_dtype(len(tokenizer))
-    dedicated = dedicated_val_split(src)
-    budget = float(src.max_tokens) + seq_len if src.max_tokens is not None else float("inf")
-    if dedicated is None and budget != float("inf"):
-        # read enough that the carved validation share leaves the full budget for training
-        budget = budget + (val_tokens if val_tokens is not None else budget * val_fraction / max(1e-9, 1 - val_fraction))
-    docs = tokenized_docs(
-        iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget, label=src.name,
-        bos_id=bos_id,
-    )
-    if dedicated is not None:
-        val_cap = float(val_tokens) if val_tokens is not None else float("inf")
-        val_docs = tokenized_docs(
-            iter_documents(src, tokenizer, dedicated, cache_dir=cache_root), tokenizer, val_cap,
-            label=f"{src.name} ({dedicated})", bos_id=bos_id,
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
+        dtype = token_dtype(len(tokenizer))
+        dedicated = dedicated_val_split(src)
+        budget = float(src.max_tokens) + seq_len if src.max_tokens is not None else float("inf")
+        if dedicated is None and budget != float("inf"):
+            # read enough that the carved validation share leaves the full budget for training
+            budget = budget + (val_tokens if val_tokens is not None else budget * val_fraction / max(1e-9, 1 - val_fraction))
+        docs = tokenized_docs(
+            iter_documents(src, tokenizer, src.split, cache_dir=cache_root), tokenizer, budget, label=src.name,
+            bos_id=bos_id,
         )
-        train_docs = docs
-    else:
-        lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
-        target = val_tokens if val_tokens is not None else val_fraction * float(lengths.sum())
-        n_val = 0
-        if target > 0 and len(docs) >= 2:
-            tail = np.cumsum(lengths[::-1])
-            n_val = int(np.searchsorted(tail, target, side="left")) + 1
-            n_val = min(max(n_val, 1), len(docs) - 1)
-        train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val :]
-    train = pack_documents(train_docs, eos, seq_len, dtype)
-    val = pack_documents(val_docs, eos, seq_len, dtype)
-    meta = {
-        "name": src.name,
-        "fingerprint": fp,
-        "seq_len": seq_len,
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "train_tokens_read": int(sum(len(d) + 1 for d in train_docs)),
-        "val_tokens_read": int(sum(len(d) + 1 for d in val_docs)),
-        "train_chunks": train.n_chunks,
-        "val_chunks": val.n_chunks,
-        "validation": "split:" + dedicated if dedicated else "carved",
-        "bos": bos_id,
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npy(directory / "train_tokens.npy", train.tokens)
-    _atomic_save_npy(directory / "train_doc_starts.npy", train.doc_starts)
-    _atomic_save_npy(directory / "val_tokens.npy", val.tokens)
-    _atomic_save_npy(directory / "val_doc_starts.npy", val.doc_starts)
-    _atomic_write_json(meta_path, meta)  # written last: marks the entry complete
-    return PackedSource(src.name, train, val, meta)
+        if dedicated is not None:
+            val_cap = float(val_tokens) if val_tokens is not None else float("inf")
+            val_docs = tokenized_docs(
+                iter_documents(src, tokenizer, dedicated, cache_dir=cache_root), tokenizer, val_cap,
+                label=f"{src.name} ({dedicated})", bos_id=bos_id,
+            )
+            train_docs = docs
+        else:
+            lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+            target = val_tokens if val_tokens is not None else val_fraction * float(lengths.sum())
+            n_val = 0
+            if target > 0 and len(docs) >= 2:
+                tail = np.cumsum(lengths[::-1])
+                n_val = int(np.searchsorted(tail, target, side="left")) + 1
+                n_val = min(max(n_val, 1), len(docs) - 1)
+            train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val :]
+        train = pack_documents(train_docs, eos, seq_len, dtype)
+        val = pack_documents(val_docs, eos, seq_len, dtype)
+        meta = {
+            "name": src.name,
+            "fingerprint": fp,
+            "seq_len": seq_len,
+            "train_documents": len(train_docs),
+            "val_documents": len(val_docs),
+            "train_tokens_read": int(sum(len(d) + 1 for d in train_docs)),
+            "val_tokens_read": int(sum(len(d) + 1 for d in val_docs)),
+            "train_chunks": train.n_chunks,
+            "val_chunks": val.n_chunks,
+            "validation": "split:" + dedicated if dedicated else "carved",
+            "bos": bos_id,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(directory / "train_tokens.npy", train.tokens)
+        _atomic_save_npy(directory / "train_doc_starts.npy", train.doc_starts)
+        _atomic_save_npy(directory / "val_tokens.npy", val.tokens)
+        _atomic_save_npy(directory / "val_doc_starts.npy", val.doc_starts)
+        _atomic_write_json(meta_path, meta)  # written last: marks the entry complete
+        return PackedSource(src.name, train, val, meta)

@@ -28,7 +28,8 @@ in ``*.dist-info/METADATA``). This module harvests that text offline:
    deterministic on a given install and changes when packages change.
 
 Entry point: :func:`build_embedded_corpus`. Everything here is standard library
-only, so worker processes start fast.
+only (and :mod:`lrc.io`, which is too), so worker processes start fast. Concurrent builds of the
+same entry take turns under a file lock (``<cache>/.locks/``): the second reads what the first wrote.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from lrc.io import file_lock
 
 __all__ = [
     "CORPUS_VERSION",
@@ -498,6 +501,17 @@ def build_embedded_corpus(
         stats_path=directory / "stats.json",
         fingerprint=fingerprint,
     )
+    # one builder per entry: a concurrent job sharing the cache waits, then reads what it wrote
+    with file_lock(directory.parent.parent / ".locks" / f"corpus-{fingerprint}.lock"):
+        return _build_locked(out, files, scan_roots, settings, workers, force, t0)
+
+
+def _build_locked(
+    out: CorpusFiles, files: list[tuple[str, str, str, int]], scan_roots: Sequence[ScanRoot],
+    settings: CorpusSettings, workers: int | None, force: bool, t0: float,
+) -> CorpusFiles:
+    """:func:`build_embedded_corpus` once it holds the entry's lock: read it, or build it."""
+    directory, fingerprint = out.directory, out.fingerprint
     if not force and out.stats_path.is_file() and out.train.is_file() and out.validation.is_file():
         out.stats = json.loads(out.stats_path.read_text(encoding="utf-8"))
         return out
