@@ -25,7 +25,7 @@ import types
 import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -40,7 +40,13 @@ def check_config(cfg: DictConfig, conf_dir: Path, config_name: str = "distill") 
     """Raise :class:`ConfigError` for the first unknown key or mistyped scalar, naming the key
     (``config_name``: the primary config the run composed, ``distill`` or ``sft``)."""
     reference = reference_tree(str(conf_dir), config_name)
-    method = _method(cfg)
+    resolved: list[type] = []
+
+    def method() -> type:  # resolved at the first node that needs it (importing it imports Lightning)
+        if not resolved:
+            resolved.append(_method(cfg))
+        return resolved[0]
+
     for path, node in _nodes(cfg, ""):
         allowed, types_ = _schema(path, node, reference, method)
         for key in node.keys():
@@ -54,7 +60,7 @@ def check_config(cfg: DictConfig, conf_dir: Path, config_name: str = "distill") 
                     raise ConfigError(f"{full} must be a config with a _target_ (a callback class) or null, got {child!r}")
                 continue
             if allowed is not None and key not in allowed and key not in HYDRA_KEYS:
-                note = f"; method {method.default_name or method.__name__} reads {', '.join(sorted(allowed))}" \
+                note = f"; method {method().default_name or method().__name__} reads {', '.join(sorted(allowed))}" \
                     if path in ("loss", "method") else ""
                 raise ConfigError(f"unknown key {full}{_did_you_mean(key, allowed, path)}{note}")
             if key in types_:
@@ -108,15 +114,18 @@ def _method(cfg: DictConfig) -> type:
         raise ConfigError(str(err)) from None
 
 
-def _schema(path: str, node: DictConfig, reference: dict[str, Any], method: type) -> tuple[set[str] | None, dict[str, Any]]:
-    """``(allowed keys or None for any, {key: expected type})`` for the node at ``path``."""
+def _schema(
+    path: str, node: DictConfig, reference: dict[str, Any], method: Callable[[], type]
+) -> tuple[set[str] | None, dict[str, Any]]:
+    """``(allowed keys or None for any, {key: expected type})`` for the node at ``path``
+    (``method()``: the active method's class)."""
     if path == "method":
-        options = method.method_options()
+        options = method().method_options()
         return set(options), options
     if "_target_" in node:
         return _signature_schema(str(node["_target_"]))
     if path == "loss":
-        return _dataclass_schema(method.loss_config)
+        return _dataclass_schema(method().loss_config)
     if path in ("student", "optim", "teacher"):
         return _code_schema(path)
     if path in OPEN_NODES:

@@ -141,8 +141,9 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any, model: str, teacher
 # -------------------------------------------------------------------------------- run
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The whole evaluation; returns the results dict (also written to ``results.json``)."""
+    if cfg.get("model"):  # the cheapest check first: no library is imported for it
+        check_model_source(str(cfg.model))
     check_settings(cfg)
-    check_model_source(str(cfg.model))
     with tempfile.TemporaryDirectory(prefix="lrc-eval-tasks-") as tmp:
         return _run(cfg, Path(tmp))
 
