@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrc.losses import DEVICE_TILE_BYTES, teacher_activations_read
+from lrc.model.checkpointing import CHECKPOINTING_MODES
 from lrc.model.layers import choose_projection_path, projection_path_flops
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -234,7 +235,7 @@ def activation_bytes_per_token(
         targets = term_layers * teacher_target_width(shape, loss.terms)
         return compute_bytes * (kept * (d + big) + targets) + per_layer
     if checkpointing != "off":
-        raise ValueError(f"checkpointing must be off, full or student, got {checkpointing!r}")
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
     return kept * per_layer
 
 
@@ -285,7 +286,7 @@ def memory_per_device(
     logits = (rows * shape.vocab * (2 * compute_bytes + upcast) + tile_rows * shape.vocab * 16
               + n * student.rank * compute_bytes)
     out = {}
-    for mode in ("off", "full", "student"):
+    for mode in CHECKPOINTING_MODES:
         parts = dict(base)
         parts["merged_weights"] = merged_layer * (len(student.kept_layers) if mode == "off" else 1) + head
         parts["activations"] = n * activation_bytes_per_token(shape, student, compute_bytes, mode, loss)

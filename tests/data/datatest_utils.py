@@ -124,3 +124,23 @@ def bos_tokenizer(adds_bos: bool = True):
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", BOS)]
         )
     return tok
+
+
+def run_twice_at_once(module, name: str, monkeypatch, job) -> tuple[list, list]:
+    """``job()`` in two threads at once, with ``module.name`` replaced by a counted copy that first
+    sleeps 0.5 s (so both jobs are past their cache check while the first one builds). Returns
+    ``(the two results, one entry per call of module.name)``."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    real, calls = getattr(module, name), []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slow)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: job(), range(2)))
+    return results, calls

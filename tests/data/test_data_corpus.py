@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from datatest_utils import CODE_LIKE, GERMAN, PROSE_A, PROSE_B, PROSE_C, README, SHARED, _q, make_tree
+from datatest_utils import CODE_LIKE, GERMAN, PROSE_A, PROSE_B, PROSE_C, README, SHARED, _q, make_tree, run_twice_at_once
 
 from lrc.data import corpus as corpus_mod
 from lrc.data.corpus import (
@@ -100,19 +100,10 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
 def test_concurrent_builds_of_one_entry_harvest_once(tmp_path, monkeypatch):
     """Two builders of the same cache entry at once (threads here; processes take the same file
     lock): the second waits for the first and reads what it wrote instead of harvesting again."""
-    from concurrent.futures import ThreadPoolExecutor
-
     root = make_tree(tmp_path / "site")
-    real, calls = corpus_mod.harvest, []
-
-    def slow_harvest(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.5)  # both builders are past their cache check while the first one harvests
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(corpus_mod, "harvest", slow_harvest)
-    with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda _: build_embedded_corpus(tmp_path / "cache", roots=[root], workers=1), range(2))
+    (a, b), calls = run_twice_at_once(
+        corpus_mod, "harvest", monkeypatch,
+        lambda: build_embedded_corpus(tmp_path / "cache", roots=[root], workers=1))
     assert len(calls) == 1
     assert a.stats == b.stats and a.train.read_bytes() == b.train.read_bytes()
     assert sorted(p.name for p in (tmp_path / "cache" / "corpus").iterdir()) == [a.fingerprint]

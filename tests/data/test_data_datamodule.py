@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
-from datatest_utils import EOS, byte_ids, collect, write_jsonl
+from datatest_utils import EOS, byte_ids, collect, run_twice_at_once, write_jsonl
 
 from lrc.data.datamodule import TokenMixDataModule
 
@@ -86,22 +85,12 @@ def test_cache_is_reused(tmp_path, tok, monkeypatch):
 def test_concurrent_packing_of_one_source_tokenizes_once(tmp_path, tok, monkeypatch):
     """Two data modules packing the same source into one cache at once: one tokenizes, the other
     waits for its file lock and memory-maps the result."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import lrc.data.cache as cache
 
     path = write_jsonl(tmp_path / "a.jsonl", docs("a", 30))
     src = [{"name": "a", "kind": "jsonl", "path": str(path)}]
-    real, calls = cache.tokenized_docs, []
-
-    def slow_tokenize(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.5)  # the second module is past its cache check while the first tokenizes
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache, "tokenized_docs", slow_tokenize)
-    with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda _: collect(make_dm(tmp_path, tok, src).train_dataloader()), range(2))
+    (a, b), calls = run_twice_at_once(
+        cache, "tokenized_docs", monkeypatch, lambda: collect(make_dm(tmp_path, tok, src).train_dataloader()))
     assert a == b and len(calls) == 1  # one source, no dedicated split: one tokenizing pass
     assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1
 
