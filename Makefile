@@ -1,7 +1,7 @@
 # The two README commands:
 #   make distill   # set up (first time only) and run the main job on the embedded default
 #   make test      # set up (first time only) and run the whole test suite
-# Extra arguments: make distill ARGS="student.rank=144"   make test PYTEST_ARGS="-m 'not slow'"
+# Extra arguments: make distill ARGS="student.rank=144"   make test PYTEST_ARGS="-m 'not slow'"   make test TEST_WORKERS=0
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,8 +25,12 @@ setup: $(BIN)/.lrc-installed
 distill: setup
 	$(BIN)/lrc-distill $(ARGS)
 
+# The test files are shared out among up to 4 worker processes (pytest-xdist; a file's tests stay in
+# one worker, so its module fixtures are built once). TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= auto
+
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs multirun .pytest_cache

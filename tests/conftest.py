@@ -12,6 +12,19 @@ import pytest
 from lrc.teachers import SMOLLM2_NAME, load_teacher
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), each worker gets its share of the cores
+    for torch's threads, in this process and in the lrc-distill processes it starts (they inherit
+    ``OMP_NUM_THREADS``): two workers on 2 cores, each with 2 threads, spin-wait for each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
     """Cache dir holding the converted SmolLM2 teacher ($LRC_CACHE if set, so CI converts once)."""

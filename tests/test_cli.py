@@ -598,44 +598,52 @@ def _run_until(proc: subprocess.Popen, step: int, sig: int | None) -> tuple[int,
     return proc.returncode, "".join(lines) + rest
 
 
-def test_interrupts_and_resumes_equal_the_uninterrupted_run(corpus, tmp_path):
-    """One run is stopped three times and resumed after each: SIGTERM, then SIGINT (both graceful:
-    a checkpoint of the step in flight), then SIGKILL in the middle of writing a checkpoint (the
-    previous one must survive). It ends with exactly the weights of an uninterrupted run."""
-    run_dir = tmp_path / "run"
-    args = cli_args(corpus, run_dir, *_signal_overrides(corpus))
-    last = run_dir / "checkpoints" / "last.ckpt"
-    stopped_at = 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        extra = ["ckpt_path=last"] if stopped_at else []
-        code, out = _run_until(lrc_distill([*args, *extra]), stopped_at + 4, sig)
-        assert code == 0, out[-3000:]
-        assert "interrupted: checkpoint written" in out and "ckpt_path=last" in out
-        assert json.loads((run_dir / "metrics.json").read_text())["interrupted"] is True
-        _, step = _state(last)
-        assert stopped_at + 4 <= step < SIGNAL_STEPS  # the step in flight when the signal came, or one after
-        stopped_at = step
+def test_a_sweep_stopped_by_a_signal_then_a_kill_resumes_to_the_uninterrupted_weights(corpus, tmp_path):
+    """A two-job sweep (seeds 0, 1), stopped twice and rerun after each with the same command and
+    ckpt_path=auto: SIGTERM during job 0 (graceful: job 0 checkpoints the step in flight, the sweep
+    stops with status 130 and job 1 never starts), then SIGKILL in the middle of job 0's checkpoint
+    write (the previous checkpoint must survive). Job 0 ends with exactly the weights of an
+    uninterrupted run, and job 1 runs whole. (SIGINT takes SIGTERM's path:
+    test_both_signals_take_the_graceful_path.)"""
+    args = [a for a in cli_args(corpus, tmp_path / "x", *_signal_overrides(corpus)) if not a.startswith("hydra.run.dir")]
+    sweep_dir = tmp_path / "sweep"
+    sweep = ["-m", *args, "seed=0,1", f"hydra.sweep.dir={sweep_dir}", "ckpt_path=auto"]
+    job0 = sweep_dir / "0"
+    last = job0 / "checkpoints" / "last.ckpt"
+
+    code, out = _run_until(lrc_distill(sweep), 4, signal.SIGTERM)
+    assert code == 130, out[-3000:]
+    assert "interrupted: checkpoint written" in out
+    assert "lrc-distill: sweep stopped: job 0 was interrupted" in out
+    assert not (sweep_dir / "1").exists()
+    assert json.loads((job0 / "metrics.json").read_text())["interrupted"] is True
+    _, stopped_at = _state(last)
+    assert 4 <= stopped_at < SIGNAL_STEPS  # the step in flight when the signal came, or one after
+
     kill_at = (stopped_at // 3 + 2) * 3  # the second periodic checkpoint after the resume
     assert kill_at < SIGNAL_STEPS
-    code, out = _run_until(lrc_distill([*args, "ckpt_path=last",
-                                        f"+callbacks.kill={{_target_:cli_faults.KillDuringSave,step:{kill_at}}}"]),
+    code, out = _run_until(lrc_distill([*sweep, f"+callbacks.kill={{_target_:cli_faults.KillDuringSave,step:{kill_at}}}"]),
                            kill_at, None)
     assert code == -signal.SIGKILL, out[-3000:]
     state, step = _state(last)  # loads: the previous checkpoint, complete
     assert step == kill_at - 3 and _finite(state)
     (partial,) = last.parent.glob(".last.ckpt.tmp-*")  # the interrupted write went beside it
     assert 0 < partial.stat().st_size
-    code, out = _run_until(lrc_distill([*args, "ckpt_path=last"]), SIGNAL_STEPS, None)
+    assert not (sweep_dir / "1").exists()
+
+    code, out = _run_until(lrc_distill(sweep), SIGNAL_STEPS, None)
     assert code == 0, out[-3000:]
     assert not partial.exists()
+    for job in ("0", "1"):
+        assert json.loads((sweep_dir / job / "metrics.json").read_text())["steps"] == SIGNAL_STEPS
     # its log (a pipe, not a terminal) has a plain progress line per step, none of Lightning's "Epoch 0/-2"
     assert re.search(rf"^step {SIGNAL_STEPS}/{SIGNAL_STEPS} \(100%\) \| loss \d+\.\d{{4}} \| [\d,]+ tokens/s \| "
                      r"elapsed \d+:\d\d:\d\d \| ETA 0:00:00$", out, re.M), out[-2000:]
     assert "Epoch" not in out
     state, step = _state(last)
-    # the same run without interruptions, in this process
+    # the same job without interruptions, in this process
     ref = tmp_path / "ref"
-    run(compose_cfg(tiny_overrides(corpus, ref, *_signal_overrides(corpus))))
+    run(compose_cfg(tiny_overrides(corpus, ref, *_signal_overrides(corpus), "seed=0")))
     expected, expected_step = _state(ref / "checkpoints" / "last.ckpt")
     assert step == expected_step == SIGNAL_STEPS
     assert set(state) == set(expected)
@@ -643,20 +651,37 @@ def test_interrupts_and_resumes_equal_the_uninterrupted_run(corpus, tmp_path):
         assert torch.equal(state[k], expected[k]), k
 
 
-def test_a_signal_stops_the_whole_sweep_and_auto_resumes_it(corpus, tmp_path):
-    """SIGTERM during job 0 of a two-job sweep: job 0 writes its checkpoint, the sweep stops there
-    (job 1 never starts) with status 130; the same command with ckpt_path=auto finishes both."""
-    args = [a for a in cli_args(corpus, tmp_path / "x", *_signal_overrides(corpus)) if not a.startswith("hydra.run.dir")]
-    sweep = ["-m", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "ckpt_path=auto"]
-    code, out = _run_until(lrc_distill(sweep), 4, signal.SIGTERM)
-    assert code == 130, out[-3000:]
-    assert "lrc-distill: sweep stopped: job 0 was interrupted" in out
-    assert not (tmp_path / "sweep" / "1").exists()
-    assert json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["interrupted"] is True
-    code, out = _run_until(lrc_distill(sweep), SIGNAL_STEPS, None)
-    assert code == 0, out[-3000:]
-    for job in ("0", "1"):
-        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["steps"] == SIGNAL_STEPS
+def test_both_signals_take_the_graceful_path(monkeypatch):
+    """GracefulShutdown answers SIGINT and SIGTERM with one handler while training (a checkpoint of
+    the step in flight, then a stop), a second SIGINT stops at once, and the previous handlers
+    come back when training ends."""
+    from types import SimpleNamespace
+
+    from lrc.training.callbacks import GracefulShutdown
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = []
+    trainer = SimpleNamespace(max_steps=10, global_step=3, fast_dev_run=False, should_stop=False,
+                              save_checkpoint=saved.append)
+    for first in (signal.SIGINT, signal.SIGTERM):
+        cb = GracefulShutdown("/nonexistent")
+        cb.on_train_start(trainer, None)
+        try:
+            handler = signal.getsignal(signal.SIGINT)
+            assert signal.getsignal(signal.SIGTERM) == handler and handler not in before.values()
+            cb.on_train_batch_end(trainer)
+            assert not saved and not trainer.should_stop  # no signal yet, not the final step
+            handler(first, None)
+            assert cb.interrupted
+            cb.on_train_batch_end(trainer)
+            assert saved == [cb.path] and trainer.should_stop
+            with pytest.raises(KeyboardInterrupt):  # Ctrl+C again: at once
+                handler(signal.SIGINT, None)
+        finally:
+            cb.on_train_end(trainer, None)
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        saved.clear()
+        trainer.should_stop = False
 
 
 @pytest.mark.parametrize("every,expected_steps", [(0, []), (2, [0, 2])])

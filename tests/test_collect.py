@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from test_cli import BIN, compose_cfg, tiny_overrides, write_corpus
+from test_cli import BIN, cli, compose_cfg, tiny_overrides, write_corpus
 
 from lrc.analysis import collect as C
 from lrc.analysis.curves import best_validation, read_curves, validation_points
@@ -327,16 +327,16 @@ def test_metrics_json_and_curves_of_an_interrupted_then_resumed_run(corpus, tmp_
     assert saved["params"]["deployed"] == sum(p.numel() for p in student.parameters())
 
 
-def test_sweep_through_the_cli_collected_into_its_table(corpus, tmp_path):
-    """A two-job ``lrc-distill -m`` sweep on a tiny teacher; the collected table holds exactly the
-    jobs' metrics.json values, and the jobs differ by a removed term, so the chart appears."""
+def test_sweep_through_the_cli_collected_into_its_table(corpus, tmp_path, capsys, monkeypatch):
+    """A two-job ``lrc-distill -m`` sweep on a tiny teacher (its entry point in this process), then
+    the ``lrc-collect`` command: the collected table holds exactly the jobs' metrics.json values,
+    and the jobs differ by a removed term, so the chart appears."""
     args = [a for a in tiny_overrides(corpus, tmp_path / "x") if not a.startswith(("paths.output_dir", "summary."))]
     sweep = tmp_path / "sweep"
-    p = subprocess.run([str(BIN / "lrc-distill"), "-m", *args, "loss.term_weights.q=1.0,0.0", "trainer.max_steps=2",
-                        "trainer.val_check_interval=1", "export.enabled=false", "logger=none",
-                        f"hydra.sweep.dir={sweep}"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "LRC_NO_PROGRESS": "1"})
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    monkeypatch.setenv("LRC_NO_PROGRESS", "1")
+    code, log = cli(capsys, "distill", "-m", *args, "loss.term_weights.q=1.0,0.0", "trainer.max_steps=2",
+                    "trainer.val_check_interval=1", "export.enabled=false", "logger=none", f"hydra.sweep.dir={sweep}")
+    assert code == 0, log[-3000:]
     jobs = {}
     for job in sorted(sweep.glob("[0-9]*")):
         m = json.loads((job / "metrics.json").read_text())

@@ -7,7 +7,6 @@ import csv
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
@@ -32,11 +31,15 @@ ITEMS = [
 ]
 
 
-@pytest.fixture
-def mc_file(tmp_path) -> Path:
-    path = tmp_path / "toy.jsonl"
+def write_mc_items(path: Path) -> Path:
+    """:data:`ITEMS` as a multiple-choice JSON-lines file."""
     path.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     return path
+
+
+@pytest.fixture
+def mc_file(tmp_path) -> Path:
+    return write_mc_items(tmp_path / "toy.jsonl")
 
 
 class Recorder(Logger):
@@ -220,15 +223,5 @@ def assert_eval_rows(out: Path, mc_file: Path, steps: list[int], tokens_per_step
     assert float(rows[-1]["eval/toy/acc_norm"]) == pytest.approx(sum(s["acc_norm"] for s in scored) / len(scored))
 
 
-@pytest.mark.slow
-def test_fsdp_processes_score_the_sharded_student(tmp_path, mc_file):
-    """trainer=fsdp on 2 CPU processes: every process runs the same scoring forwards (each layer
-    gathers its shards), rank 0 logs, and the numbers are the final student's."""
-    from test_cli import write_corpus
-    from test_distributed import FSDP, two_processes
-
-    out = tmp_path / "fsdp"
-    # an evaluation at step 1, and at step 2 just before the sharded checkpoint is written
-    two_processes(write_corpus(tmp_path / "corpus.jsonl"), out, *FSDP, "trainer.max_steps=2", "validate_before=false",
-                  "callbacks.eval.every_n_steps=1", f"callbacks.eval.tasks=['{mc_file}']")
-    assert_eval_rows(out, mc_file, steps=[1, 2], tokens_per_step=4 * 32)  # global batch 4 x 32 tokens
+# Under trainer=fsdp on 2 processes: test_distributed.py's FSDP run scores the same file (one
+# 2-process run serves both).

@@ -5,6 +5,7 @@ a tiny-teacher run made here with lrc-distill, its directory passed as ``LRC_NOT
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,16 +57,32 @@ def test_analysis_notebooks_are_parametrised_and_saved_with_outputs():
         assert any("image/png" in o.get("data", {}) for o in outputs), name
 
 
-@pytest.mark.slow  # a Jupyter kernel per notebook (torch + transformers imports each): over a minute in all
+@pytest.fixture(scope="module")
+def kernel(tiny_run):
+    """One Jupyter kernel for the analysis notebooks, started in the run's directory with the run in
+    ``LRC_NOTEBOOK_RUN`` (a kernel's start and its torch + transformers imports cost about 10 s; each
+    notebook still starts from an empty namespace)."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tiny_run), env={**os.environ, "LRC_NOTEBOOK_RUN": str(tiny_run),
+                                            "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+    try:
+        yield km
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.slow  # a Jupyter kernel (torch + transformers imports): about half a minute for the three
 @pytest.mark.parametrize("name", ANALYSES)
-def test_analysis_notebook_executes_on_a_tiny_run(name, tiny_run, monkeypatch):
+def test_analysis_notebook_executes_on_a_tiny_run(name, tiny_run, kernel):
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("LRC_NOTEBOOK_RUN", str(tiny_run))
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tiny_run)}}).execute()
+    # the previous notebook's names are gone: a notebook that relied on them fails with a NameError
+    nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))
+    NotebookClient(nb, km=kernel, timeout=600).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"run: {tiny_run}" in text  # the parameters cell took the run from the environment

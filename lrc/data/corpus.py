@@ -35,6 +35,7 @@ same entry take turns under a file lock (``<cache>/.locks/``): the second reads 
 from __future__ import annotations
 
 import ast
+import gc
 import hashlib
 import inspect
 import json
@@ -43,6 +44,7 @@ import re
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -338,9 +340,27 @@ def _harvest_file(base: str, rel: str, package: str, settings: CorpusSettings) -
     return [Document(t, package, rel) for t in texts if is_english_prose(t, settings)]
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause CPython's cyclic garbage collector (reference counting goes on).
+
+    :func:`ast.parse` allocates millions of short-lived nodes, and every few hundred allocations
+    the collector scans the young ones: a third of the harvest's time. Syntax trees hold no
+    reference cycles, so reference counting alone frees each tree as soon as its file is done.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _harvest_many(args: tuple[list[tuple[str, str, str, int]], CorpusSettings]) -> list[list[Document]]:
     files, settings = args
-    return [_harvest_file(base, rel, pkg, settings) for base, rel, pkg, _ in files]
+    with _cyclic_gc_paused():
+        return [_harvest_file(base, rel, pkg, settings) for base, rel, pkg, _ in files]
 
 
 def harvest(files: list[tuple[str, str, str, int]], settings: CorpusSettings, workers: int) -> list[Document]:
