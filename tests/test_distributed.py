@@ -145,8 +145,9 @@ def test_fsdp_on_two_processes_matches_one_resumes_and_exports(fsdp_run, tmp_pat
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_ddp_on_two(fsdp_run, tmp_path):
     """The one-process run's step-2 checkpoint (2 micro-batches a step) resumed under DDP on 2
-    processes started by torchrun (1 micro-batch each): the uninterrupted run's numbers and weights, so DDP gives the numbers of one
-    process and each process starts at its half of the global data position."""
+    processes started by torchrun (1 micro-batch each): the uninterrupted run's numbers and
+    weights, so DDP gives the numbers of one process and each process starts at its half of the
+    global data position."""
     corpus, ref, f2, want, _ = fsdp_run
     d2 = resume_copy(ref, tmp_path / "ddp", ckpt="step000002.ckpt")
     two_processes(corpus, d2, *DDP, "ckpt_path=last", launcher="torchrun")

@@ -23,7 +23,7 @@ import difflib
 import inspect
 import types
 import typing
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,12 +40,8 @@ def check_config(cfg: DictConfig, conf_dir: Path, config_name: str = "distill") 
     """Raise :class:`ConfigError` for the first unknown key or mistyped scalar, naming the key
     (``config_name``: the primary config the run composed, ``distill`` or ``sft``)."""
     reference = reference_tree(str(conf_dir), config_name)
-    resolved: list[type] = []
-
-    def method() -> type:  # resolved at the first node that needs it (importing it imports Lightning)
-        if not resolved:
-            resolved.append(_method(cfg))
-        return resolved[0]
+    # resolved at the first node that needs it (importing the method imports Lightning)
+    method = cache(lambda: _method(cfg))
 
     for path, node in _nodes(cfg, ""):
         allowed, types_ = _schema(path, node, reference, method)

@@ -37,8 +37,8 @@ def checkpointing_mode(value: Any) -> str:
 
 def apply_activation_checkpointing(units: list[nn.Module], mode: Any) -> None:
     """Make each unit (:func:`lrc.training.distributed.sharding_units`) recompute its activations in
-    backward instead of keeping them. "full": the whole unit (a clone layer recomputes the teacher's layer too, about one
-    more forward of both models). "student": a clone layer runs the frozen teacher layer once and
+    backward instead of keeping them. "full": the whole unit (a clone layer recomputes the teacher's
+    layer too, about one more forward of both models). "student": a clone layer runs the frozen teacher layer once and
     keeps only the teacher activations its clone terms read (the targets, about 2x the inner widths
     per token and layer in the compute dtype), recomputing the student stream and its terms; other
     units (a baseline's layers) are recomputed whole, like "full". Call it before ``fully_shard``."""

@@ -110,7 +110,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     def parallelize(self, module: Any) -> None:
         """Shard ``module.model`` (a built :class:`DistillModule`'s model): optional activation
         checkpointing of every unit (:func:`apply_activation_checkpointing`), ``fully_shard`` of every
-        :func:`sharding_units` entry, then of the model itself. Idempotent (Lightning calls ``configure_model`` for every fit / validate)."""
+        :func:`sharding_units` entry, then of the model itself. Idempotent (Lightning calls
+        ``configure_model`` for every fit / validate)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model = module.model
